@@ -1,0 +1,250 @@
+"""
+MACE (metatrain-mace)
+=====================
+
+`MACE <https://github.com/ACEsuit/mace>`_ is a message-passing neural network with
+many-body equivariant messages built from atomic cluster expansion products. This
+architecture is provided by the ``metatrain-mace`` package, which wraps the official
+``mace-torch`` implementation: MACE's own modules compute the node features and the
+energy readout, and ``metatrain-mace`` adds a linear head (equivariant targets) or a
+small MLP head (invariant targets) on the node features of all MACE layers for every
+other target.
+
+The hyperparameters below are validated by metatrain before anything is built; this
+module imports neither torch nor mace, so that it can be read cheaply.
+"""
+
+from typing import Annotated, Any, Dict, Literal, Optional, Union
+
+from annotated_types import Ge, Gt
+from pydantic import ConfigDict, with_config
+from typing_extensions import NotRequired, TypedDict
+
+
+FixedWeights = Dict[str, Union[float, Dict[int, float]]]
+"""Per-target fixed weights: one value for all atomic types, or one per type."""
+
+InteractionBlockName = Literal[
+    "RealAgnosticResidualInteractionBlock",
+    "RealAgnosticInteractionBlock",
+    "RealAgnosticDensityInteractionBlock",
+    "RealAgnosticDensityResidualInteractionBlock",
+    "RealAgnosticAttResidualInteractionBlock",
+    "RealAgnosticResidualNonLinearInteractionBlock",
+]
+
+
+class LossGradientSpecification(TypedDict):
+    """Loss settings for one gradient (forces, stress, virial) of a target."""
+
+    type: NotRequired[str] = "mse"
+    weight: NotRequired[float] = 1.0
+    reduction: NotRequired[Literal["none", "mean", "sum"]] = "mean"
+
+
+@with_config(ConfigDict(extra="allow"))
+class LossSpecification(TypedDict):
+    """Loss settings for one target, as understood by metatrain's ``LossAggregator``."""
+
+    type: NotRequired[str] = "mse"
+    weight: NotRequired[float] = 1.0
+    reduction: NotRequired[Literal["none", "mean", "sum"]] = "mean"
+    gradients: NotRequired[Dict[str, LossGradientSpecification]] = {}
+
+
+class HeadsFinetuneConfig(TypedDict):
+    """Which modules stay trainable with ``method: heads``."""
+
+    head_modules: list[str]
+    """Module name prefixes of the heads to train (for example ``heads``)."""
+    last_layer_modules: list[str]
+    """Further module name prefixes to train (for example ``mace.readouts``)."""
+
+
+class NoFinetuneHypers(TypedDict):
+    """No fine-tuning: train from scratch (or from ``mace_model``)."""
+
+    read_from: None = None
+    """``None`` disables fine-tuning; the other keys are then ignored."""
+    method: NotRequired[Any]
+    config: NotRequired[Any]
+    inherit_heads: NotRequired[Any]
+
+
+class FullFinetuneHypers(TypedDict):
+    """Fine-tune every parameter of a trained checkpoint."""
+
+    method: Literal["full"] = "full"
+    """Fine-tuning method."""
+    read_from: str
+    """Path to the checkpoint to start from."""
+    config: NotRequired[Any]
+    """Unused for ``full``."""
+    inherit_heads: Dict[str, str] = {}
+    """Initialise the head of a new target (key) from an existing one (value)."""
+
+
+class HeadsFinetuneHypers(TypedDict):
+    """Train only the heads (and chosen last layers); the MACE trunk is frozen."""
+
+    method: Literal["heads"] = "heads"
+    """Fine-tuning method."""
+    read_from: str
+    """Path to the checkpoint to start from."""
+    config: HeadsFinetuneConfig = {
+        "head_modules": ["heads"],
+        "last_layer_modules": ["mace.readouts"],
+    }
+    """Trainable module prefixes."""
+    inherit_heads: Dict[str, str] = {}
+    """Initialise the head of a new target (key) from an existing one (value)."""
+
+
+class ModelHypers(TypedDict):
+    """Hyperparameters of the MACE model and of the heads added on top of it."""
+
+    mace_model: Optional[str] = None
+    """Path to a MACE model file (a whole pickled ``torch.nn.Module`` as written by
+    ``mace-torch``) to start from instead of building a new MACE from the
+    hyperparameters below.
+
+    Model files are pickles: loading one executes code stored in it. Only point this
+    at files you trust.
+    """
+    mace_head_name: Optional[str] = None
+    """Head of a multi-head MACE model file to use. Not needed for single-head
+    models."""
+    mace_head_target: str = "energy"
+    """Target predicted by MACE's own readout (the per-atom energy readouts). Every
+    other target gets a head of its own on the MACE node features."""
+    r_max: Annotated[float, Gt(0)] = 5.0
+    """Cutoff radius (in the length unit of the dataset, usually Å). It sets the
+    neighbour list requested from metatomic; the receptive field is
+    ``num_interactions * r_max``."""
+    num_radial_basis: Annotated[int, Ge(1)] = 8
+    """Number of radial basis functions expanding interatomic distances."""
+    radial_type: Literal["bessel", "gaussian", "chebyshev"] = "bessel"
+    """Family of radial basis functions."""
+    num_cutoff_basis: Annotated[int, Ge(1)] = 5
+    """Exponent ``p`` of MACE's polynomial cutoff envelope."""
+    max_ell: Annotated[int, Ge(0)] = 3
+    """Highest degree of the spherical harmonics of the edge directions."""
+    interaction: InteractionBlockName = "RealAgnosticResidualInteractionBlock"
+    """Interaction block used in every layer but the first."""
+    interaction_first: InteractionBlockName = "RealAgnosticResidualInteractionBlock"
+    """Interaction block of the first layer."""
+    num_interactions: Annotated[int, Ge(1)] = 2
+    """Number of message-passing layers."""
+    hidden_irreps: str = "128x0e + 128x1o"
+    """Irreducible representations of the node features, e.g. ``"128x0e + 128x1o"``
+    (all multiplicities must be equal). More channels give more accurate and slower
+    models; higher degrees (``2e``, ``3o``) give richer equivariant features."""
+    edge_irreps: Optional[str] = None
+    """Irreps of the edge features inside the interaction blocks. ``None`` uses the
+    MACE default (the full tensor product)."""
+    apply_cutoff: bool = True
+    """Multiply the radial features by the cutoff envelope."""
+    avg_num_neighbors: Optional[Annotated[float, Gt(0)]] = None
+    """Normalisation of the neighbour sum. ``None`` computes the average number of
+    neighbours within ``r_max`` from the training set when training starts."""
+    pair_repulsion: bool = False
+    """Add MACE's ZBL pair repulsion to the energy readout."""
+    distance_transform: Literal["None", "Agnesi", "Soft"] = "None"
+    """Transform applied to distances before the radial basis."""
+    correlation: Annotated[int, Ge(1)] = 3
+    """Body order of the symmetric product (correlation ``ν`` gives ``ν+1``-body
+    messages)."""
+    gate: Literal["silu", "tanh", "abs", "None"] = "silu"
+    """Non-linearity of the MLP readout of the energy."""
+    MLP_irreps: str = "16x0e"
+    """Irreps of the hidden layer of the last (non-linear) energy readout."""
+    radial_MLP: list[int] = [64, 64, 64]
+    """Hidden layer widths of the MLP mapping radial features to weights."""
+    use_embedding_readout: bool = False
+    """MACE's readout of joint (charge/spin) embeddings. Those embeddings are not
+    exposed by this wrapper, so only ``false`` is accepted when building from
+    hyperparameters."""
+    use_last_readout_only: bool = False
+    """Read the energy out of the last layer only (instead of summing a readout of
+    every layer)."""
+    use_agnostic_product: bool = False
+    """Use element-agnostic weights in the symmetric product."""
+    head_hidden_sizes: list[int] = [64, 64]
+    """Hidden layer widths of the MLP heads of invariant targets other than
+    ``mace_head_target``. Equivariant targets always use a linear head."""
+
+
+class TrainerHypers(TypedDict):
+    """Hyperparameters of the MACE trainer."""
+
+    optimizer: Literal["adam", "adamw"] = "adam"
+    """Optimizer: ``adam`` (L2 penalty) or ``adamw`` (decoupled weight decay)."""
+    learning_rate: Annotated[float, Gt(0)] = 1e-2
+    """Initial learning rate."""
+    weight_decay: Annotated[float, Ge(0)] = 5e-7
+    """Weight decay applied, as in MACE, to the weights of the interaction linears,
+    the symmetric products and the heads; never to biases, embeddings, radial MLPs
+    and readouts."""
+    amsgrad: bool = True
+    """Use the AMSGrad variant of Adam."""
+    beta: Annotated[float, Ge(0)] = 0.9
+    """First-moment coefficient ``beta1`` of Adam (``beta2`` is 0.999)."""
+    lr_scheduler: Literal["ReduceLROnPlateau", "ExponentialLR"] = "ReduceLROnPlateau"
+    """Learning-rate schedule. ``ReduceLROnPlateau`` watches the validation loss;
+    ``ExponentialLR`` multiplies the rate by ``lr_scheduler_gamma`` every epoch."""
+    lr_scheduler_gamma: Annotated[float, Gt(0)] = 0.9993
+    """Decay factor per epoch of ``ExponentialLR``."""
+    lr_factor: Annotated[float, Gt(0)] = 0.8
+    """Factor applied to the learning rate by ``ReduceLROnPlateau``."""
+    lr_scheduler_patience: Annotated[int, Ge(0)] = 50
+    """Epochs without improvement of the validation loss before
+    ``ReduceLROnPlateau`` lowers the learning rate."""
+    distributed: bool = False
+    """Distributed (multi-process) training. Not supported yet by this package:
+    ``true`` is refused with an error."""
+    distributed_port: int = 39591
+    """Port for the communication of distributed training."""
+    batch_size: Annotated[int, Ge(1)] = 8
+    """Number of structures per batch (ignored for training and validation when
+    ``max_atoms_per_batch`` is set)."""
+    max_atoms_per_batch: Optional[Annotated[int, Ge(1)]] = None
+    """If set, pack structures into batches of at most this many atoms instead of
+    ``batch_size`` structures."""
+    num_epochs: Annotated[int, Ge(0)] = 100
+    """Number of epochs. ``0`` fits the baselines and exports without training."""
+    log_interval: Annotated[int, Ge(1)] = 1
+    """Epochs between two logs of the training and validation metrics."""
+    checkpoint_interval: Annotated[int, Ge(1)] = 25
+    """Epochs between two checkpoints (``model_<epoch>.ckpt``)."""
+    scale_targets: bool = True
+    """Normalise every target to unit standard deviation during training."""
+    atomic_baseline: FixedWeights | str = {}
+    """Fixed per-type baselines for chosen targets (fitted by least squares
+    otherwise), or a path to a composition-model checkpoint."""
+    fixed_scaling_weights: FixedWeights | str = {}
+    """Fixed scales for chosen targets (fitted otherwise), or a path to a scaler
+    checkpoint."""
+    per_structure_targets: list[str] = []
+    """Targets whose loss and metrics are per structure instead of per atom."""
+    num_workers: Optional[Annotated[int, Ge(0)]] = None
+    """Data-loading worker processes; ``None`` chooses automatically."""
+    log_mae: bool = True
+    """Log MAE next to RMSE."""
+    log_separate_blocks: bool = False
+    """Log metrics of every block of multi-block targets separately."""
+    best_model_metric: Literal["rmse_prod", "mae_prod", "loss"] = "mae_prod"
+    """Validation metric that selects the best model (the one exported)."""
+    grad_clip_norm: Annotated[float, Gt(0)] = 10.0
+    """Maximum norm of the gradient of all parameters (clipping)."""
+    loss: Union[str, Dict[str, Union[LossSpecification, str]]] = "mse"
+    """Loss of every target and gradient: a name (``mse``, ``mae``, ``huber``...)
+    for all, or one entry per target with ``weight`` and per-gradient
+    (``forces``, ``stress``, ``virial``) settings."""
+    finetune: Union[NoFinetuneHypers, FullFinetuneHypers, HeadsFinetuneHypers] = {
+        "read_from": None,
+        "method": "full",
+        "config": {},
+        "inherit_heads": {},
+    }
+    """Fine-tuning of a trained checkpoint: ``full`` trains everything, ``heads``
+    trains only the heads and chosen last layers."""

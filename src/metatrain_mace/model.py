@@ -1,0 +1,574 @@
+"""The ``experimental.mace`` model: MACE node features, MACE energy readout, heads."""
+
+import copy
+import logging
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import metatensor.torch as mts
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import (
+    AtomisticModel,
+    ModelCapabilities,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+)
+
+from metatrain.composition import CompositionModel
+from metatrain.scaler import Scaler
+from metatrain.utils.abc import ModelInterface
+from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.data import DatasetInfo, TargetInfo
+from metatrain.utils.dtype import dtype_to_str
+from metatrain.utils.hypers import raise_if_hypers_mismatch
+from metatrain.utils.metadata import merge_metadata
+from metatrain.utils.sum_over_atoms import sum_over_atoms
+
+from metatrain_mace import checkpoints
+from metatrain_mace._version import __version__
+from metatrain_mace.batching import systems_to_graph
+from metatrain_mace.builder import build_mace, node_feature_irreps, set_avg_num_neighbors
+from metatrain_mace.documentation import ModelHypers
+from metatrain_mace.heads import (
+    EquivariantLinearBlock,
+    EquivariantLinearHead,
+    MLPHead,
+    irrep_of_block,
+)
+from metatrain_mace.mace_import import e3nn_compile, o3
+from metatrain_mace.targets import check_target
+
+
+ARCHITECTURE_NAME = "experimental.mace"
+
+
+def last_layer_features_name(target_name: str) -> str:
+    """Name of the auxiliary output holding the last-layer features of a target."""
+    return "mtt::aux::" + target_name.replace("mtt::", "") + "_last_layer_features"
+
+
+class MetaMACE(ModelInterface[ModelHypers]):
+    """MACE wrapped for metatrain (package ``metatrain-mace``).
+
+    The MACE trunk (``self.mace``, a ``mace.modules.MACE``) computes node features;
+    the target named by ``mace_head_target`` is MACE's own per-atom energy readout,
+    and every other target has a head in ``self.heads``. metatrain's composition
+    baseline and scaler are applied on top at evaluation.
+
+    :param hypers: model hyperparameters (see :mod:`metatrain_mace.documentation`).
+    :param dataset_info: targets, atomic types and length unit of the dataset.
+    """
+
+    __checkpoint_version__ = 1
+    __supported_devices__ = ["cuda", "cpu"]
+    __supported_dtypes__ = [torch.float64, torch.float32]
+    __default_metadata__ = ModelMetadata(
+        references={
+            "architecture": ["https://arxiv.org/abs/2206.07697"],
+            "implementation": ["https://github.com/ACEsuit/mace"],
+        }
+    )
+
+    # TorchScript cannot infer the types of these (possibly empty) containers
+    key_labels: Dict[str, Labels]
+    component_labels: Dict[str, List[List[Labels]]]
+    property_labels: Dict[str, List[Labels]]
+
+    def __init__(self, hypers: ModelHypers, dataset_info: DatasetInfo) -> None:
+        super().__init__(hypers, dataset_info, self.__default_metadata__)
+        self.atomic_types: List[int] = sorted(int(t) for t in dataset_info.atomic_types)
+        # built in float64 for accurate coefficients, then cast like every new module
+        self.mace = build_mace(dict(hypers), self.atomic_types).to(
+            torch.get_default_dtype()
+        )
+        self._init_common(dataset_info)
+
+    def _init_common(self, dataset_info: DatasetInfo) -> None:
+        """Everything that does not depend on where the MACE trunk came from."""
+        self.mace_head_target: str = self.hypers["mace_head_target"]
+        self.head_index: int = 0
+        self.r_max = float(self.mace.r_max)
+        self.num_interactions = int(self.mace.num_interactions)
+        self.nl_options = NeighborListOptions(
+            cutoff=self.r_max, full_list=True, strict=True
+        )
+
+        type_to_index = torch.full((max(self.atomic_types) + 1,), -1)
+        for index, atomic_type in enumerate(self.atomic_types):
+            type_to_index[atomic_type] = index
+        self.register_buffer("type_to_index", type_to_index, persistent=False)
+
+        avg = self.hypers["avg_num_neighbors"]
+        self.register_buffer(
+            "avg_num_neighbors",
+            torch.tensor(0.0 if avg is None else float(avg), dtype=torch.float64),
+        )
+
+        self.feature_irreps = node_feature_irreps(self.mace)
+        scalar_index: List[int] = []
+        layer_scalars: List[int] = []
+        start = 0
+        for product in self.mace.products:
+            irreps = o3.Irreps(product.linear.irreps_out)
+            layer_scalars.append(irreps.count(o3.Irrep("0e")))
+            for mul, irrep in irreps:
+                if irrep == o3.Irrep("0e"):
+                    scalar_index.extend(range(start, start + mul))
+                start += mul * irrep.dim
+        self.register_buffer(
+            "scalar_index", torch.tensor(scalar_index), persistent=False
+        )
+        self.layer_scalars = layer_scalars
+        self.num_scalar_features = len(scalar_index)
+
+        self.outputs: Dict[str, ModelOutput] = {
+            "feature": ModelOutput(
+                sample_kind="atom",
+                description="invariant (0e) MACE node features of all layers",
+            )
+        }
+        self.heads = torch.nn.ModuleDict()
+        self.target_names: List[str] = []
+        self.key_labels: Dict[str, Labels] = {}
+        self.component_labels: Dict[str, List[List[Labels]]] = {}
+        self.property_labels: Dict[str, List[Labels]] = {}
+        for name, info in dataset_info.targets.items():
+            self._add_output(name, info)
+
+        self.additive_models = torch.nn.ModuleList(
+            [CompositionModel.from_valid_targets(dataset_info, self.atomic_types)]
+        )
+        self.scaler = Scaler(
+            hypers=get_default_hypers("scaler")["model"], dataset_info=dataset_info
+        )
+        self.single_label = Labels.single()
+        self.finetune_config: Dict[str, Any] = {}
+        self.has_new_targets = False
+
+    # ------------------------------------------------------------------ targets
+    def _add_output(self, name: str, info: TargetInfo) -> None:
+        check_target(name, info, self.feature_irreps)
+        if name == self.mace_head_target:
+            block = info.layout.block()
+            if not info.is_scalar or len(block.properties) != 1:
+                raise ValueError(
+                    f"'mace_head_target' is {name!r}, but MACE's readout predicts one "
+                    "scalar per atom and this target has "
+                    f"{len(block.properties)} properties of a non-scalar or "
+                    "multi-property kind; choose an energy-like target"
+                )
+        elif info.is_scalar:
+            self.heads[name] = MLPHead(
+                self.num_scalar_features,
+                list(self.hypers["head_hidden_sizes"]),
+                len(info.layout.block().properties),
+            )
+        else:
+            blocks: List[EquivariantLinearBlock] = []
+            for key, block in info.layout.items():
+                if info.is_cartesian:
+                    irrep = o3.Irrep("1o")
+                else:
+                    irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
+                blocks.append(
+                    EquivariantLinearBlock(
+                        self.feature_irreps,
+                        irrep,
+                        len(block.properties),
+                        cartesian=info.is_cartesian,
+                    )
+                )
+            self.heads[name] = EquivariantLinearHead(blocks)
+
+        self.target_names.append(name)
+        self.outputs[name] = ModelOutput(
+            unit=info.unit,
+            sample_kind="atom",
+            description=info.description,
+        )
+        if info.is_scalar:
+            self.outputs[last_layer_features_name(name)] = ModelOutput(
+                sample_kind="atom", description=f"last layer features for {name}"
+            )
+        self.key_labels[name] = info.layout.keys
+        self.component_labels[name] = [b.components for b in info.layout.blocks()]
+        self.property_labels[name] = [b.properties for b in info.layout.blocks()]
+
+    def supported_outputs(self) -> Dict[str, ModelOutput]:
+        return self.outputs
+
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return [self.nl_options]
+
+    def restart(
+        self, dataset_info: DatasetInfo, model_hypers: Optional[Dict[str, Any]] = None
+    ) -> "MetaMACE":
+        if model_hypers is not None:
+            raise_if_hypers_mismatch(
+                self.hypers,
+                model_hypers,
+                default_hypers=get_default_hypers(ARCHITECTURE_NAME)["model"],
+            )
+        merged = self.dataset_info.union(dataset_info)
+        new_types = sorted(set(merged.atomic_types) - set(self.atomic_types))
+        if new_types:
+            raise ValueError(
+                f"the new dataset contains atomic types {new_types} that this model "
+                f"was not built for (it knows {self.atomic_types}); MACE cannot add "
+                "element embeddings after training started"
+            )
+        new_targets = {
+            name: info
+            for name, info in merged.targets.items()
+            if name not in self.dataset_info.targets
+        }
+        self.has_new_targets = len(new_targets) > 0
+        for name, info in new_targets.items():
+            self._add_output(name, info)
+        self.dataset_info = merged
+        self.additive_models[0] = self.additive_models[0].restart(
+            dataset_info=DatasetInfo(
+                length_unit=dataset_info.length_unit,
+                atomic_types=self.atomic_types,
+                targets={
+                    name: info
+                    for name, info in dataset_info.targets.items()
+                    if CompositionModel.is_valid_target(name, info)
+                },
+            )
+        )
+        self.scaler = self.scaler.restart(dataset_info)
+        return self
+
+    # ------------------------------------------------------------------ forward
+    def set_avg_num_neighbors(self, value: float) -> None:
+        """Store the neighbour-sum normalisation and push it into MACE."""
+        self.avg_num_neighbors.fill_(float(value))
+        set_avg_num_neighbors(self.mace, float(value))
+
+    def _node_features(
+        self, node_attrs: torch.Tensor, edge_index: torch.Tensor, vectors: torch.Tensor
+    ) -> List[torch.Tensor]:
+        lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+        node_feats = self.mace.node_embedding(node_attrs)
+        edge_attrs = self.mace.spherical_harmonics(vectors)
+        edge_feats, cutoff = self.mace.radial_embedding(
+            lengths, node_attrs, edge_index, self.mace.atomic_numbers
+        )
+        features: List[torch.Tensor] = []
+        for i, (interaction, product) in enumerate(
+            zip(self.mace.interactions, self.mace.products)
+        ):
+            node_feats, sc = interaction(
+                node_attrs=node_attrs,
+                node_feats=node_feats,
+                edge_attrs=edge_attrs,
+                edge_feats=edge_feats,
+                edge_index=edge_index,
+                cutoff=cutoff,
+                first_layer=(i == 0),
+            )
+            node_feats = product(node_feats=node_feats, sc=sc, node_attrs=node_attrs)
+            features.append(node_feats)
+        return features
+
+    def _mace_energy(
+        self,
+        features: List[torch.Tensor],
+        node_attrs: torch.Tensor,
+        edge_index: torch.Tensor,
+        vectors: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energy of MACE's readouts, and the readouts' last-layer features."""
+        n_atoms = node_attrs.shape[0]
+        node_heads = torch.full(
+            (n_atoms,), self.head_index, dtype=torch.int64, device=node_attrs.device
+        )
+        energy = torch.zeros(n_atoms, dtype=node_attrs.dtype, device=node_attrs.device)
+        last_layer: List[torch.Tensor] = []
+        n_readouts = len(self.mace.readouts)
+        for i, readout in enumerate(self.mace.readouts):
+            layer = len(features) - 1 if n_readouts == 1 else i
+            energy = energy + readout(features[layer], node_heads)[:, self.head_index]
+            if hasattr(readout, "linear_1"):
+                last_layer.append(readout.non_linearity(readout.linear_1(features[layer])))
+            else:
+                last_layer.append(features[layer][:, : self.layer_scalars[layer]])
+        if hasattr(self.mace, "pair_repulsion_fn"):
+            lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
+            energy = energy + self.mace.pair_repulsion_fn(
+                lengths, node_attrs, edge_index, self.mace.atomic_numbers
+            )
+        return energy.unsqueeze(-1), torch.cat(last_layer, dim=-1)
+
+    def _check_types(self, types: torch.Tensor) -> torch.Tensor:
+        in_range = types < self.type_to_index.shape[0]
+        species = torch.where(
+            in_range,
+            self.type_to_index[torch.where(in_range, types, 0)],
+            -1,
+        )
+        if bool((species < 0).any()):
+            unknown: List[int] = torch.unique(types[species < 0]).tolist()
+            raise ValueError(
+                "this model was not trained on atomic types "
+                + str(unknown)
+                + "; it knows "
+                + str(self.atomic_types)
+            )
+        return species
+
+    def _as_tensor_map(
+        self,
+        name: str,
+        blocks: List[torch.Tensor],
+        samples: Labels,
+        output: ModelOutput,
+        selected_atoms: Optional[Labels],
+    ) -> TensorMap:
+        tensor_blocks: List[TensorBlock] = []
+        for i, values in enumerate(blocks):
+            tensor_blocks.append(
+                TensorBlock(
+                    values=values,
+                    samples=samples,
+                    components=self.component_labels[name][i],
+                    properties=self.property_labels[name][i],
+                )
+            )
+        return self._finish(
+            TensorMap(self.key_labels[name], tensor_blocks), output, selected_atoms
+        )
+
+    def _features_map(
+        self,
+        values: torch.Tensor,
+        samples: Labels,
+        output: ModelOutput,
+        selected_atoms: Optional[Labels],
+    ) -> TensorMap:
+        properties = Labels(
+            names=["feature"],
+            values=torch.arange(values.shape[-1], device=values.device).reshape(-1, 1),
+            assume_unique=True,
+        )
+        block = TensorBlock(
+            values=values, samples=samples, components=[], properties=properties
+        )
+        return self._finish(
+            TensorMap(self.single_label, [block]), output, selected_atoms
+        )
+
+    def _finish(
+        self, tensor: TensorMap, output: ModelOutput, selected_atoms: Optional[Labels]
+    ) -> TensorMap:
+        if selected_atoms is not None:
+            tensor = mts.slice(tensor, axis="samples", selection=selected_atoms)
+        if output.sample_kind == "system":
+            tensor = sum_over_atoms(tensor)
+        return tensor
+
+    def _move_labels_to_device(self, device: torch.device) -> None:
+        self.single_label = self.single_label.to(device)
+        self.key_labels = {k: v.to(device) for k, v in self.key_labels.items()}
+        self.component_labels = {
+            k: [[c.to(device) for c in block] for block in v]
+            for k, v in self.component_labels.items()
+        }
+        self.property_labels = {
+            k: [p.to(device) for p in v] for k, v in self.property_labels.items()
+        }
+
+    def forward(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        selected_atoms: Optional[Labels] = None,
+    ) -> Dict[str, TensorMap]:
+        result: Dict[str, TensorMap] = {}
+        if len(outputs) == 0:
+            return result
+        device = systems[0].positions.device
+        if self.single_label.values.device != device:
+            self._move_labels_to_device(device)
+
+        types, system_index, atom_index, edge_index, vectors = systems_to_graph(
+            systems, self.nl_options
+        )
+        species = self._check_types(types)
+        node_attrs = torch.nn.functional.one_hot(
+            species, num_classes=len(self.atomic_types)
+        ).to(vectors.dtype)
+        # e3nn puts the polar axis along y; feeding (y, z, x) makes every l-block of
+        # the node features follow the real spherical harmonics convention of
+        # metatensor (m = -l..l with z as polar axis)
+        vectors = vectors[:, [1, 2, 0]]
+        features = self._node_features(node_attrs, edge_index, vectors)
+        all_features = torch.cat(features, dim=-1)
+        scalar_features = all_features.index_select(1, self.scalar_index)
+        samples = Labels(
+            ["system", "atom"],
+            torch.stack([system_index, atom_index], dim=1).to(torch.int32),
+        )
+
+        if "feature" in outputs:
+            result["feature"] = self._features_map(
+                scalar_features, samples, outputs["feature"], selected_atoms
+            )
+
+        head_target = self.mace_head_target
+        head_llf = last_layer_features_name(head_target)
+        if head_target in self.target_names and (
+            head_target in outputs or head_llf in outputs
+        ):
+            energy, llf = self._mace_energy(features, node_attrs, edge_index, vectors)
+            if head_target in outputs:
+                result[head_target] = self._as_tensor_map(
+                    head_target, [energy], samples, outputs[head_target], selected_atoms
+                )
+            if head_llf in outputs:
+                result[head_llf] = self._features_map(
+                    llf, samples, outputs[head_llf], selected_atoms
+                )
+
+        for name, head in self.heads.items():
+            llf_name = last_layer_features_name(name)
+            if name in outputs or llf_name in outputs:
+                blocks, llf = head(all_features, scalar_features)
+                if name in outputs:
+                    result[name] = self._as_tensor_map(
+                        name, blocks, samples, outputs[name], selected_atoms
+                    )
+                if llf_name in outputs:
+                    result[llf_name] = self._features_map(
+                        llf, samples, outputs[llf_name], selected_atoms
+                    )
+
+        if not self.training:
+            result = self._add_baselines(systems, outputs, result, selected_atoms)
+        return result
+
+    def _add_baselines(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        result: Dict[str, TensorMap],
+        selected_atoms: Optional[Labels],
+    ) -> Dict[str, TensorMap]:
+        """Undo the target scaling and add the composition baseline (evaluation)."""
+        result = self.scaler.apply_scales(
+            systems,
+            result,
+            selected_atoms=selected_atoms,
+            use_per_target_scales=True,
+            use_per_property_scales=True,
+        )
+        for additive_model in self.additive_models:
+            requested: Dict[str, ModelOutput] = {}
+            for name, output in outputs.items():
+                if name in additive_model.outputs:
+                    requested[name] = output
+            contributions = additive_model(systems, requested, selected_atoms)
+            for name, contribution in contributions.items():
+                blocks: List[TensorBlock] = []
+                for key, block in result[name].items():
+                    values = block.values
+                    if key in contribution.keys:
+                        values = values + contribution.block(key).values.to(
+                            dtype=values.dtype, device=values.device
+                        )
+                    blocks.append(
+                        TensorBlock(
+                            values=values,
+                            samples=block.samples,
+                            components=block.components,
+                            properties=block.properties,
+                        )
+                    )
+                result[name] = TensorMap(result[name].keys, blocks)
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_checkpoint(self) -> Dict[str, Any]:
+        state_dict = self.state_dict()
+        return {
+            "architecture_name": ARCHITECTURE_NAME,
+            "implementation": f"metatrain-mace {__version__}",
+            "model_ckpt_version": self.__checkpoint_version__,
+            "metadata": self.metadata,
+            "model_data": {
+                "model_hypers": self.hypers,
+                "dataset_info": self.dataset_info,
+            },
+            "epoch": None,
+            "best_epoch": None,
+            "model_state_dict": state_dict,
+            "best_model_state_dict": state_dict,
+            "finetune_config": self.finetune_config,
+        }
+
+    @classmethod
+    def load_checkpoint(
+        cls,
+        checkpoint: Dict[str, Any],
+        context: Literal["restart", "finetune", "export"],
+    ) -> "MetaMACE":
+        if context == "restart":
+            logging.info(f"Using latest model from epoch {checkpoint['epoch']}")
+            state_dict = checkpoint["model_state_dict"]
+        elif context in ("finetune", "export"):
+            logging.info(f"Using best model from epoch {checkpoint['best_epoch']}")
+            state_dict = checkpoint["best_model_state_dict"]
+            if state_dict is None:
+                state_dict = checkpoint["model_state_dict"]
+        else:
+            raise ValueError(f"unknown checkpoint loading context {context!r}")
+
+        model_data = checkpoint["model_data"]
+        model = cls(model_data["model_hypers"], model_data["dataset_info"])
+        dtype = state_dict["avg_num_neighbors"].dtype
+        model.to(dtype).load_state_dict(state_dict)
+        if float(model.avg_num_neighbors) > 0:
+            model.set_avg_num_neighbors(float(model.avg_num_neighbors))
+        model.additive_models[0].sync_tensor_maps()
+        model.scaler.sync_tensor_maps()
+        model.finetune_config = checkpoint.get("finetune_config", {})
+        model.metadata = merge_metadata(model.metadata, checkpoint.get("metadata"))
+        return model
+
+    @classmethod
+    def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+        return checkpoints.upgrade(
+            checkpoint, "model", cls.__checkpoint_version__, checkpoints.MODEL_UPDATES
+        )
+
+    # ------------------------------------------------------------------ export
+    def __prepare_scriptable__(self) -> "MetaMACE":
+        """A copy whose e3nn/MACE submodules are compiled the way e3nn requires.
+
+        ``torch.jit.script`` (used by metatomic to save the exported model) calls this
+        first; e3nn modules cannot be scripted directly, only through
+        ``e3nn.util.jit.compile``. The copy keeps the model usable in eager mode.
+        """
+        return e3nn_compile(copy.deepcopy(self), in_place=True)
+
+    def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
+        dtype = next(self.parameters()).dtype
+        if dtype not in self.__supported_dtypes__:
+            raise ValueError(f"unsupported dtype {dtype} for metatrain-mace")
+        self.to(dtype)
+        # the composition weights are TensorMaps that torch cannot move by itself
+        self.additive_models[0].weights_to(torch.device("cpu"), torch.float64)
+        capabilities = ModelCapabilities(
+            outputs=self.outputs,
+            atomic_types=self.atomic_types,
+            interaction_range=self.num_interactions * self.r_max,
+            length_unit=self.dataset_info.length_unit,
+            supported_devices=self.__supported_devices__,
+            dtype=dtype_to_str(dtype),
+        )
+        return AtomisticModel(
+            self.eval(), merge_metadata(self.metadata, metadata), capabilities
+        )

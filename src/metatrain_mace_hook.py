@@ -1,0 +1,109 @@
+"""Import hook that makes ``metatrain.experimental.mace`` resolve to ``metatrain_mace``.
+
+metatrain >= 2025.12 ships its own ``metatrain/experimental/mace`` package and finds
+architectures only by importing ``metatrain.<name>``. This tiny module, imported at
+interpreter start by ``metatrain_mace_hook.pth``, puts a finder at the front of
+``sys.meta_path`` that answers every ``metatrain.experimental.mace[.*]`` import with
+the *same module object* as the corresponding ``metatrain_mace[.*]`` module, so that
+classes are not duplicated and checkpoints, ``isinstance`` checks and pickles agree.
+
+It must stay cheap: it imports nothing but the standard library, and the aliased
+package is only imported when someone asks for it. Set ``METATRAIN_MACE_DISABLE=1``
+to leave metatrain's own copy in place.
+"""
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Optional, Sequence
+
+
+ALIAS = "metatrain.experimental.mace"
+TARGET = "metatrain_mace"
+DISABLE_VARIABLE = "METATRAIN_MACE_DISABLE"
+
+
+def _target_name(fullname: str) -> Optional[str]:
+    if fullname == ALIAS:
+        return TARGET
+    if fullname.startswith(ALIAS + "."):
+        return TARGET + fullname[len(ALIAS) :]
+    return None
+
+
+class _AliasLoader(importlib.abc.Loader):
+    """Loader returning an already importable ``metatrain_mace`` module unchanged."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._original_spec: Optional[importlib.machinery.ModuleSpec] = None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        module = importlib.import_module(self.target)
+        self._original_spec = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        # importlib overwrote ``__spec__`` with the alias spec: put the real one back
+        # so that the module keeps a single identity (name, spec, file).
+        if self._original_spec is not None:
+            module.__spec__ = self._original_spec
+
+
+class MetatrainMaceFinder(importlib.abc.MetaPathFinder):
+    """Meta path finder aliasing ``metatrain.experimental.mace`` to ``metatrain_mace``."""
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Optional[Sequence[str]] = None,
+        target: Optional[ModuleType] = None,
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        target_name = _target_name(fullname)
+        if target_name is None:
+            return None
+        if importlib.util.find_spec(target_name) is None:
+            return None
+        is_package = fullname == ALIAS or target_name.count(".") == 0
+        spec = importlib.machinery.ModuleSpec(
+            fullname, _AliasLoader(target_name), is_package=is_package
+        )
+        return spec
+
+
+def is_disabled() -> bool:
+    """Whether the user asked to keep metatrain's own ``experimental.mace``."""
+    return os.environ.get(DISABLE_VARIABLE, "").strip().lower() not in (
+        "",
+        "0",
+        "false",
+        "no",
+    )
+
+
+def is_installed() -> bool:
+    """Whether the alias finder is currently active in ``sys.meta_path``."""
+    return any(isinstance(finder, MetatrainMaceFinder) for finder in sys.meta_path)
+
+
+def install(force: bool = False) -> bool:
+    """Put the alias finder at the front of ``sys.meta_path``.
+
+    :param force: install even when ``METATRAIN_MACE_DISABLE`` is set.
+    :return: whether the finder is active after the call.
+    """
+    if is_disabled() and not force:
+        return False
+    if not is_installed():
+        sys.meta_path.insert(0, MetatrainMaceFinder())
+        # a previous import of metatrain's own copy must not shadow the alias
+        for name in list(sys.modules):
+            if _target_name(name) is not None and not getattr(
+                sys.modules[name], "__name__", ""
+            ).startswith(TARGET):
+                del sys.modules[name]
+    return True
