@@ -14,8 +14,9 @@ def systems_to_graph(
     :return: ``(types, system_index, atom_index, edge_index, edge_vectors)``: atomic
         types, the system and in-system index of every atom, ``edge_index`` of shape
         ``[2, n_edges]`` holding (sender, receiver) = (first_atom, second_atom), and
-        the edge vectors ``r_receiver - r_sender (+ cell shift)``, differentiable with
-        respect to positions and cell.
+        the edge vectors ``r_receiver - r_sender + shift @ cell``, recomputed from
+        the positions and the cell (not taken from the neighbour list) so that every
+        evaluation has its own autograd graph to positions and cell.
     """
     types: List[torch.Tensor] = []
     system_index: List[torch.Tensor] = []
@@ -31,9 +32,13 @@ def systems_to_graph(
         arange = torch.arange(n_atoms, device=system.device)
         atom_index.append(arange)
         system_index.append(torch.full_like(arange, i))
-        senders.append(neighbors.samples.column("first_atom") + offset)
-        receivers.append(neighbors.samples.column("second_atom") + offset)
-        vectors.append(neighbors.values.reshape(-1, 3))
+        pairs = neighbors.samples.values
+        first = pairs[:, 0].to(torch.int64)
+        second = pairs[:, 1].to(torch.int64)
+        shifts = pairs[:, 2:5].to(system.positions.dtype) @ system.cell
+        vectors.append(system.positions[second] - system.positions[first] + shifts)
+        senders.append(first + offset)
+        receivers.append(second + offset)
         offset += n_atoms
     edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)]).to(
         torch.int64

@@ -199,9 +199,9 @@ class TrainerHypers(TypedDict):
     lr_scheduler_patience: Annotated[int, Ge(0)] = 50
     """Epochs without improvement of the validation loss before
     ``ReduceLROnPlateau`` lowers the learning rate."""
-    distributed: bool = False
+    distributed: NotRequired[bool]
     """Distributed (multi-process) training. Not supported yet by this package:
-    ``true`` is refused with an error."""
+    ``true`` is refused with an error (metatrain deprecates setting it)."""
     distributed_port: int = 39591
     """Port for the communication of distributed training."""
     batch_size: Annotated[int, Ge(1)] = 8

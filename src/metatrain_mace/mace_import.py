@@ -31,8 +31,8 @@ def _import_mace() -> None:
 _import_mace()
 
 from e3nn import o3  # noqa: E402
-from e3nn.util.jit import compile as e3nn_compile  # noqa: E402
+from e3nn.util import jit as e3nn_jit  # noqa: E402
 from mace import modules as mace_modules  # noqa: E402
 
 
-__all__ = ["e3nn_compile", "mace_modules", "o3"]
+__all__ = ["e3nn_jit", "mace_modules", "o3"]

@@ -1,6 +1,5 @@
 """The ``experimental.mace`` model: MACE node features, MACE energy readout, heads."""
 
-import copy
 import logging
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -37,7 +36,8 @@ from metatrain_mace.heads import (
     MLPHead,
     irrep_of_block,
 )
-from metatrain_mace.mace_import import e3nn_compile, o3
+from metatrain_mace.mace_import import o3
+from metatrain_mace.scripting import compiled_copy, tree_copy
 from metatrain_mace.targets import check_target
 
 
@@ -311,7 +311,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
             -1,
         )
         if bool((species < 0).any()):
-            unknown: List[int] = torch.unique(types[species < 0]).tolist()
+            unknown: List[int] = (
+                torch.unique(types[species < 0]).to(torch.int64).tolist()
+            )
             raise ValueError(
                 "this model was not trained on atomic types "
                 + str(unknown)
@@ -546,13 +548,13 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     # ------------------------------------------------------------------ export
     def __prepare_scriptable__(self) -> "MetaMACE":
-        """A copy whose e3nn/MACE submodules are compiled the way e3nn requires.
+        """A shallow copy whose e3nn/MACE submodules are compiled as e3nn requires.
 
         ``torch.jit.script`` (used by metatomic to save the exported model) calls this
-        first; e3nn modules cannot be scripted directly, only through
-        ``e3nn.util.jit.compile``. The copy keeps the model usable in eager mode.
+        first; e3nn modules cannot be scripted directly. The copy shares the
+        parameters and leaves this model usable in eager mode.
         """
-        return e3nn_compile(copy.deepcopy(self), in_place=True)
+        return compiled_copy(self)
 
     def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
         dtype = next(self.parameters()).dtype
@@ -569,6 +571,10 @@ class MetaMACE(ModelInterface[ModelHypers]):
             supported_devices=self.__supported_devices__,
             dtype=dtype_to_str(dtype),
         )
+        # metatomic freezes the parameters of what it wraps: give it a copy sharing
+        # the weights, so that this model can still be trained afterwards
         return AtomisticModel(
-            self.eval(), merge_metadata(self.metadata, metadata), capabilities
+            tree_copy(self).eval(),
+            merge_metadata(self.metadata, metadata),
+            capabilities,
         )

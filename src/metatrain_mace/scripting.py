@@ -1,0 +1,43 @@
+"""Copies of a model for export and TorchScript, leaving the eager model untouched.
+
+metatomic's ``AtomisticModel`` freezes the parameters of the module it wraps, and
+e3nn modules must be compiled through ``e3nn.util.jit.compile``, which rewrites the
+module tree in place. Deep copies are not an option (MACE's ``EmptyParam`` cannot be
+deep-copied, and they would double the memory), so we copy the module *tree*: new
+module objects and new ``Parameter`` objects sharing the storage of the originals.
+"""
+
+import copy
+
+import torch
+
+from metatrain_mace.mace_import import e3nn_jit
+
+
+def _share(parameter: torch.Tensor) -> torch.Tensor:
+    # only plain Parameters: subclasses (MACE's always-zero EmptyParam) stay frozen
+    if type(parameter) is not torch.nn.Parameter:
+        return parameter
+    return torch.nn.Parameter(parameter.detach(), requires_grad=parameter.requires_grad)
+
+
+def tree_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """New module objects and parameters over the same tensor storage."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return module
+    new = copy.copy(module)
+    new._parameters = type(module._parameters)(
+        (name, None if p is None else _share(p))
+        for name, p in module._parameters.items()
+    )
+    new._buffers = type(module._buffers)(module._buffers)
+    new._modules = type(module._modules)(
+        (name, None if child is None else tree_copy(child))
+        for name, child in module._modules.items()
+    )
+    return new
+
+
+def compiled_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A :func:`tree_copy` of ``module`` with its e3nn submodules compiled."""
+    return e3nn_jit.compile(tree_copy(module), in_place=True)

@@ -1,0 +1,426 @@
+"""Trainer of the ``experimental.mace`` architecture, on metatrain's machinery."""
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union, cast
+
+import torch
+
+from metatrain.composition import train_or_load_composition_model
+from metatrain.scaler import train_or_load_scaler
+from metatrain.utils.abc import TrainerInterface
+from metatrain.utils.additive import get_remove_additive_transform
+from metatrain.utils.data import (
+    CollateFn,
+    CombinedDataLoader,
+    Dataset,
+    build_train_dataloaders,
+    build_val_dataloaders,
+    get_num_workers,
+    unpack_batch,
+    validate_num_workers,
+)
+from metatrain.utils.evaluate_model import evaluate_model
+from metatrain.utils.io import check_file_extension
+from metatrain.utils.logging import ROOT_LOGGER, MetricLogger
+from metatrain.utils.loss import LossAggregator, LossSpecification
+from metatrain.utils.metrics import MAEAccumulator, RMSEAccumulator, get_selected_metric
+from metatrain.utils.neighbor_lists import (
+    get_requested_neighbor_lists,
+    get_system_with_neighbor_lists,
+    get_system_with_neighbor_lists_transform,
+)
+from metatrain.utils.per_atom import average_by_num_atoms
+from metatrain.utils.scaler import get_remove_scale_transform
+from metatrain.utils.transfer import batch_to
+
+from metatrain_mace import checkpoints
+from metatrain_mace._version import __version__
+from metatrain_mace.documentation import TrainerHypers
+from metatrain_mace.finetuning import apply_finetuning
+from metatrain_mace.model import MetaMACE
+from metatrain_mace.optimization import build_optimizer, build_scheduler, step_scheduler
+
+
+DatasetLike = Union[Dataset, torch.utils.data.Subset]
+
+
+def average_num_neighbors(model: MetaMACE, datasets: List[DatasetLike]) -> float:
+    """Average number of neighbours within ``r_max`` over the training structures."""
+    options = model.requested_neighbor_lists()[0]
+    n_atoms = 0
+    n_edges = 0
+    total = sum(len(dataset) for dataset in datasets)
+    done = 0
+    for dataset in datasets:
+        for index in range(len(dataset)):
+            system = get_system_with_neighbor_lists(
+                dataset[index]["system"], [options]
+            )
+            n_atoms += len(system)
+            n_edges += len(system.get_neighbor_list(options).samples)
+            done += 1
+            if done % 5000 == 0:
+                logging.info(f"Counted neighbours in {done}/{total} structures")
+    if n_atoms == 0:
+        raise ValueError("the training set is empty: no structure to train on")
+    return max(n_edges / n_atoms, 1.0)
+
+
+class Trainer(TrainerInterface[TrainerHypers]):
+    """Trains :class:`metatrain_mace.model.MetaMACE` with metatrain's losses,
+    baselines, data loading and logging, and a MACE-style optimizer."""
+
+    __checkpoint_version__ = 1
+
+    def __init__(self, hypers: TrainerHypers) -> None:
+        super().__init__(hypers)
+        self.optimizer_state_dict: Optional[Dict[str, Any]] = None
+        self.scheduler_state_dict: Optional[Dict[str, Any]] = None
+        self.epoch: Optional[int] = None
+        self.best_epoch: Optional[int] = None
+        self.best_metric: Optional[float] = None
+        self.best_model_state_dict: Optional[Dict[str, Any]] = None
+        self.best_optimizer_state_dict: Optional[Dict[str, Any]] = None
+
+    def train(
+        self,
+        model: MetaMACE,
+        dtype: torch.dtype,
+        devices: List[torch.device],
+        train_datasets: List[DatasetLike],
+        val_datasets: List[DatasetLike],
+        checkpoint_dir: str,
+    ) -> None:
+        if self.hypers.get("distributed", False):
+            raise ValueError(
+                "'distributed: true' is not supported by metatrain-mace yet; train on "
+                "one device (set 'distributed: false')"
+            )
+        if sum(len(dataset) for dataset in train_datasets) == 0:
+            raise ValueError(
+                "the training set is empty: no structure to train on. Check "
+                "'training_set' in the options file."
+            )
+        device = devices[0]
+        logging.info(
+            f"Using metatrain-mace {__version__} ({Path(__file__).parent}) "
+            "for the experimental.mace architecture"
+        )
+        logging.info(f"Training on device {device} with dtype {dtype}")
+
+        if self.hypers["finetune"]["read_from"] is not None:
+            model = apply_finetuning(model, self.hypers["finetune"])
+
+        if model.hypers["avg_num_neighbors"] is None and self.epoch is None:
+            if float(model.avg_num_neighbors) <= 0:
+                logging.info("Computing the average number of neighbours")
+                avg = average_num_neighbors(model, train_datasets)
+                model.set_avg_num_neighbors(avg)
+                logging.info(f"Average number of neighbours: {avg:.4f}")
+        elif model.hypers["avg_num_neighbors"] is not None:
+            model.set_avg_num_neighbors(model.hypers["avg_num_neighbors"])
+
+        model.to(device=device, dtype=dtype)
+        # baselines stay in float64: composition weights can be large
+        for additive_model in model.additive_models:
+            additive_model.to(dtype=torch.float64)
+        model.scaler.to(dtype=torch.float64)
+
+        logging.info("Fitting the composition baseline")
+        train_or_load_composition_model(
+            composition_model=model.additive_models[0],
+            atomic_baseline=self.hypers["atomic_baseline"],
+            train_datasets=train_datasets,
+            other_additive_models=list(model.additive_models[1:]),
+            batch_size=self.hypers["batch_size"],
+            is_distributed=False,
+            checkpoint_dir=checkpoint_dir,
+        )
+        if self.hypers["scale_targets"]:
+            logging.info("Fitting the target scales")
+            if isinstance(self.hypers["fixed_scaling_weights"], str) and not isinstance(
+                self.hypers["atomic_baseline"], str
+            ):
+                raise ValueError(
+                    "a scaler checkpoint in 'fixed_scaling_weights' needs a "
+                    "composition checkpoint in 'atomic_baseline' too"
+                )
+            train_or_load_scaler(
+                scaler=model.scaler,
+                fixed_weights=self.hypers["fixed_scaling_weights"],
+                train_datasets=train_datasets,
+                additive_models=model.additive_models,
+                batch_size=self.hypers["batch_size"],
+                is_distributed=False,
+                checkpoint_dir=checkpoint_dir,
+                per_structure_targets=self.hypers["per_structure_targets"],
+            )
+
+        # CPU float64 copies of the baselines, used by the collate functions
+        model.additive_models[0].weights_to(device="cpu", dtype=torch.float64)
+        additive_models = copy.deepcopy(
+            model.additive_models.to(dtype=torch.float64, device="cpu")
+        )
+        model.additive_models.to(device)
+        model.additive_models[0].weights_to(device=device, dtype=torch.float64)
+        model.scaler.scales_to(device="cpu", dtype=torch.float64)
+        scaler = copy.deepcopy(model.scaler.to(dtype=torch.float64, device="cpu"))
+        model.scaler.to(device)
+        model.scaler.scales_to(device=device, dtype=torch.float64)
+
+        train_targets = model.dataset_info.targets
+        collate_fn = CollateFn(
+            target_keys=list(train_targets.keys()),
+            callables=[
+                get_system_with_neighbor_lists_transform(
+                    get_requested_neighbor_lists(model)
+                ),
+                get_remove_additive_transform(additive_models, train_targets),
+                get_remove_scale_transform(scaler),
+            ],
+        )
+        if self.hypers["num_workers"] is None:
+            num_workers = get_num_workers()
+            logging.info(f"Using {num_workers} workers for data loading")
+        else:
+            num_workers = self.hypers["num_workers"]
+            validate_num_workers(num_workers)
+
+        train_loaders, epoch_samplers = build_train_dataloaders(
+            train_datasets=train_datasets,
+            train_distributed_samplers=[None] * len(train_datasets),
+            collate_fn_train=collate_fn,
+            batch_size=self.hypers["batch_size"],
+            max_atoms_per_batch=self.hypers["max_atoms_per_batch"],
+            min_atoms_per_batch=0,
+            num_workers=num_workers,
+        )
+        train_loader = CombinedDataLoader(train_loaders, shuffle=True)
+        val_loader = CombinedDataLoader(
+            build_val_dataloaders(
+                val_datasets=val_datasets,
+                val_distributed_samplers=[None] * len(val_datasets),
+                collate_fn_val=collate_fn,
+                batch_size=self.hypers["batch_size"],
+                max_atoms_per_batch=self.hypers["max_atoms_per_batch"],
+                num_workers=num_workers,
+            ),
+            shuffle=False,
+        )
+
+        loss_hypers = cast(Dict[str, LossSpecification], self.hypers["loss"])
+        loss_fn = LossAggregator(targets=train_targets, config=loss_hypers)
+        logging.info("Loss functions:")
+        for name, info in loss_fn.metadata.items():
+            logging.info(f"  {name}: {info}")
+
+        optimizer = build_optimizer(model, self.hypers)
+        scheduler = build_scheduler(optimizer, self.hypers)
+        if self.optimizer_state_dict is not None and not model.has_new_targets:
+            optimizer.load_state_dict(self.optimizer_state_dict)
+            if self.scheduler_state_dict is not None:
+                scheduler.load_state_dict(self.scheduler_state_dict)
+        logging.info(f"Initial learning rate: {optimizer.param_groups[0]['lr']}")
+
+        per_structure = list(self.hypers["per_structure_targets"])
+        not_per_atom = ["positions_gradients", *per_structure]
+        start_epoch = 0 if self.epoch is None else self.epoch + 1
+        if self.best_metric is None:
+            self.best_metric = math.inf
+        epoch = start_epoch
+        metric_logger: Optional[MetricLogger] = None
+        train_metrics: Dict[str, Any] = {}
+        needs_grad = any(info.gradients for info in train_targets.values())
+        model.train()
+        logging.info("Starting training")
+        for epoch in range(start_epoch, self.hypers["num_epochs"]):
+            for sampler in epoch_samplers:
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+            log_this_epoch = (
+                epoch == start_epoch or epoch % self.hypers["log_interval"] == 0
+            )
+            train_loss, train_metrics_epoch = self._run_epoch(
+                model,
+                train_loader,
+                train_targets,
+                loss_fn,
+                per_structure,
+                not_per_atom,
+                dtype,
+                device,
+                optimizer=optimizer,
+                with_metrics=log_this_epoch,
+            )
+            if log_this_epoch:
+                train_metrics = {"loss": train_loss, **train_metrics_epoch}
+
+            # the model stays in training mode: in evaluation mode it would add the
+            # baselines that the collate function removed from the targets
+            with torch.set_grad_enabled(needs_grad):
+                val_loss, val_metrics = self._run_epoch(
+                    model,
+                    val_loader,
+                    train_targets,
+                    loss_fn,
+                    per_structure,
+                    not_per_atom,
+                    dtype,
+                    device,
+                    optimizer=None,
+                    with_metrics=True,
+                )
+            val_metrics = {"loss": val_loss, **val_metrics}
+            step_scheduler(scheduler, val_loss)
+
+            if metric_logger is None:
+                metric_logger = MetricLogger(
+                    log_obj=ROOT_LOGGER,
+                    dataset_info=model.dataset_info,
+                    initial_metrics=[train_metrics, val_metrics],
+                    names=["training", "validation"],
+                )
+            if log_this_epoch:
+                metric_logger.log(
+                    metrics=[train_metrics, val_metrics],
+                    epoch=epoch,
+                    learning_rate=optimizer.param_groups[0]["lr"],
+                )
+
+            metric = get_selected_metric(val_metrics, self.hypers["best_model_metric"])
+            if metric < self.best_metric:
+                self.best_metric = metric
+                self.best_epoch = epoch
+                self.best_model_state_dict = copy.deepcopy(model.state_dict())
+                self.best_optimizer_state_dict = copy.deepcopy(optimizer.state_dict())
+
+            if epoch % self.hypers["checkpoint_interval"] == 0:
+                self.epoch = epoch
+                self.optimizer_state_dict = optimizer.state_dict()
+                self.scheduler_state_dict = scheduler.state_dict()
+                self.save_checkpoint(model, Path(checkpoint_dir) / f"model_{epoch}.ckpt")
+
+        self.epoch = epoch if self.hypers["num_epochs"] > start_epoch else self.epoch
+        self.optimizer_state_dict = optimizer.state_dict()
+        self.scheduler_state_dict = scheduler.state_dict()
+
+    def _run_epoch(
+        self,
+        model: MetaMACE,
+        loader: CombinedDataLoader,
+        train_targets: Dict[str, Any],
+        loss_fn: LossAggregator,
+        per_structure: List[str],
+        not_per_atom: List[str],
+        dtype: torch.dtype,
+        device: torch.device,
+        optimizer: Optional[torch.optim.Optimizer],
+        with_metrics: bool,
+    ) -> tuple:
+        """One pass over ``loader``; trains when ``optimizer`` is given."""
+        separate = self.hypers["log_separate_blocks"]
+        rmse = RMSEAccumulator(separate)
+        mae = MAEAccumulator(separate) if self.hypers["log_mae"] else None
+        total_loss = 0.0
+        for batch in loader:
+            if optimizer is not None:
+                optimizer.zero_grad()
+            systems, targets, extra_data = unpack_batch(batch)
+            systems, targets, extra_data = batch_to(
+                systems, targets, extra_data, dtype=dtype, device=device
+            )
+            predictions = evaluate_model(
+                model,
+                systems,
+                {name: train_targets[name] for name in targets},
+                is_training=optimizer is not None,
+            )
+            predictions = average_by_num_atoms(predictions, systems, per_structure)
+            targets = average_by_num_atoms(targets, systems, per_structure)
+            predictions = model.scaler.apply_scales(
+                systems,
+                predictions,
+                remove=False,
+                use_per_target_scales=False,
+                use_per_property_scales=True,
+            )
+            loss = loss_fn(predictions, targets, extra_data)
+            if optimizer is not None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), self.hypers["grad_clip_norm"]
+                )
+                optimizer.step()
+            total_loss += loss.item()
+            if with_metrics:
+                scaled_predictions = model.scaler.apply_scales(
+                    systems,
+                    predictions,
+                    remove=False,
+                    use_per_target_scales=True,
+                    use_per_property_scales=False,
+                )
+                scaled_targets = model.scaler.apply_scales(
+                    systems,
+                    targets,
+                    remove=False,
+                    use_per_target_scales=True,
+                    use_per_property_scales=False,
+                )
+                rmse.update(scaled_predictions, scaled_targets, extra_data)
+                if mae is not None:
+                    mae.update(scaled_predictions, scaled_targets, extra_data)
+        metrics: Dict[str, Any] = {}
+        if with_metrics:
+            metrics = rmse.finalize(not_per_atom=not_per_atom, device=device)
+            if mae is not None:
+                metrics.update(mae.finalize(not_per_atom=not_per_atom, device=device))
+        return total_loss, metrics
+
+    def save_checkpoint(self, model: MetaMACE, path: Union[str, Path]) -> None:
+        checkpoint = model.get_checkpoint()
+        checkpoint.update(
+            {
+                "trainer_ckpt_version": self.__checkpoint_version__,
+                "train_hypers": self.hypers,
+                "epoch": self.epoch,
+                "optimizer_state_dict": self.optimizer_state_dict,
+                "scheduler_state_dict": self.scheduler_state_dict,
+                "best_epoch": self.best_epoch,
+                "best_metric": self.best_metric,
+                "best_model_state_dict": self.best_model_state_dict,
+                "best_optimizer_state_dict": self.best_optimizer_state_dict,
+            }
+        )
+        torch.save(checkpoint, check_file_extension(path, ".ckpt"))
+
+    @classmethod
+    def load_checkpoint(
+        cls,
+        checkpoint: Dict[str, Any],
+        hypers: TrainerHypers,
+        context: Literal["restart", "finetune"],
+    ) -> "Trainer":
+        trainer = cls(hypers)
+        if context == "restart":
+            trainer.epoch = checkpoint["epoch"]
+            trainer.optimizer_state_dict = checkpoint["optimizer_state_dict"]
+            trainer.scheduler_state_dict = checkpoint["scheduler_state_dict"]
+            trainer.best_epoch = checkpoint["best_epoch"]
+            trainer.best_metric = checkpoint["best_metric"]
+            trainer.best_model_state_dict = checkpoint["best_model_state_dict"]
+            trainer.best_optimizer_state_dict = checkpoint["best_optimizer_state_dict"]
+        return trainer
+
+    @classmethod
+    def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+        return checkpoints.upgrade(
+            checkpoint,
+            "trainer",
+            cls.__checkpoint_version__,
+            checkpoints.TRAINER_UPDATES,
+        )
+

@@ -1,0 +1,130 @@
+"""metatrain's architecture conformance suite, run against metatrain-mace.
+
+Every test class of ``metatrain.utils.testing`` is subclassed. The few
+``supports_* = False`` flags are targets this model refuses on purpose (tensor rank
+> 1 and atomic-basis targets, see ``test_errors.py`` for the errors).
+"""
+
+from pathlib import Path
+
+import pytest
+
+import metatrain_mace
+from metatrain.utils.architectures import import_architecture
+from metatrain.utils.testing import (
+    ArchitectureTests,
+    AutogradTests,
+    CheckpointTests,
+    ExportedTests,
+    InputTests,
+    OutputTests,
+    TorchscriptTests,
+    TrainingTests,
+)
+
+
+SMALL_HYPERS = {
+    "r_max": 4.0,
+    "num_radial_basis": 4,
+    "max_ell": 1,
+    "num_interactions": 2,
+    "hidden_irreps": "4x0e + 4x1o",
+    "correlation": 2,
+    "MLP_irreps": "4x0e",
+    "radial_MLP": [8],
+    "head_hidden_sizes": [8],
+}
+
+# every irrep up to l = 3 with both parities, for the spherical-target tests
+SPHERICAL_HYPERS = {
+    **SMALL_HYPERS,
+    "max_ell": 3,
+    "hidden_irreps": "2x0e + 2x0o + 2x1o + 2x1e + 2x2e + 2x2o + 2x3e + 2x3o",
+}
+
+MINIMAL_HYPERS = {
+    "r_max": 4.0,
+    "num_radial_basis": 2,
+    "max_ell": 1,
+    "num_interactions": 1,
+    "hidden_irreps": "2x0e",
+    "correlation": 1,
+    "MLP_irreps": "2x0e",
+    "radial_MLP": [2],
+    "head_hidden_sizes": [2],
+}
+
+
+class MACETests(ArchitectureTests):
+    architecture = "experimental.mace"
+
+    @pytest.fixture
+    def dataset_path(self, molecules_path: str) -> str:
+        return molecules_path
+
+    @pytest.fixture
+    def model_hypers(self, default_hypers: dict) -> dict:
+        return {**default_hypers["model"], **SMALL_HYPERS}
+
+    @pytest.fixture
+    def minimal_model_hypers(self, default_hypers: dict) -> dict:
+        return {**default_hypers["model"], **MINIMAL_HYPERS}
+
+    @pytest.fixture
+    def default_hypers(self) -> dict:
+        from metatrain.utils.architectures import get_default_hypers
+
+        hypers = get_default_hypers(self.architecture)
+        hypers["training"]["batch_size"] = 4
+        hypers["training"]["num_workers"] = 0
+        return hypers
+
+
+def test_architecture_is_this_package() -> None:
+    """metatrain resolves experimental.mace to metatrain_mace, not its own copy."""
+    architecture = import_architecture("experimental.mace")
+    assert architecture is metatrain_mace
+    assert architecture.__model__ is metatrain_mace.MetaMACE
+    assert Path(architecture.__file__).parent == Path(metatrain_mace.__file__).parent
+
+
+class TestInput(InputTests, MACETests):
+    pass
+
+
+class TestOutput(OutputTests, MACETests):
+    supports_spherical_rank2_outputs = False
+    supports_spherical_atomic_basis_outputs = False
+
+    @pytest.fixture
+    def model_hypers(self, default_hypers: dict) -> dict:
+        return {**default_hypers["model"], **SPHERICAL_HYPERS}
+
+    @pytest.fixture
+    def n_features(self) -> int:
+        # scalar (0e) features: 2 of layer 1 + 2 of layer 2 (scalars only)
+        return 4
+
+
+class TestAutograd(AutogradTests, MACETests):
+    pass
+
+
+class TestTorchscript(TorchscriptTests, MACETests):
+    @pytest.fixture
+    def model_hypers(self, default_hypers: dict) -> dict:
+        return {**default_hypers["model"], **SPHERICAL_HYPERS}
+
+
+class TestExported(ExportedTests, MACETests):
+    pass
+
+
+class TestTraining(TrainingTests, MACETests):
+    supports_atomic_basis = False
+
+
+class TestCheckpoints(CheckpointTests, MACETests):
+    @pytest.fixture(autouse=True)
+    def _in_tests_dir(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(Path(__file__).parent)

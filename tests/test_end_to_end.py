@@ -1,0 +1,156 @@
+"""The stock ``mtt`` commands, run in subprocesses, use this package end to end."""
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import metatrain_mace
+from metatrain.utils.io import model_from_checkpoint
+
+
+MODEL = {
+    "r_max": 4.5,
+    "hidden_irreps": "8x0e + 8x1o",
+    "max_ell": 2,
+    "correlation": 2,
+    "radial_MLP": [16],
+}
+
+
+def options(dataset: str, **training) -> dict:
+    return {
+        "seed": 0,
+        "base_precision": 64,
+        "architecture": {
+            "name": "experimental.mace",
+            "model": dict(MODEL),
+            "training": {
+                "num_epochs": 2,
+                "batch_size": 4,
+                "num_workers": 0,
+                "checkpoint_interval": 1,
+                **training,
+            },
+        },
+        "training_set": {
+            "systems": {"read_from": dataset, "length_unit": "angstrom"},
+            "targets": {
+                "energy": {
+                    "key": "REF_energy",
+                    "unit": "eV",
+                    "forces": {"key": "REF_forces"},
+                    "stress": {"key": "REF_stress"},
+                }
+            },
+        },
+        "validation_set": 0.2,
+        "test_set": 0.0,
+    }
+
+
+def mtt(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ}
+    environment.pop("METATRAIN_MACE_DISABLE", None)
+    environment.update(env)
+    return subprocess.run(
+        ["mtt", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+
+
+def train_log(directory: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(directory.glob("outputs/*/*/*.log")))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, alloy_path: str) -> Path:
+    shutil.copy(alloy_path, tmp_path / "alloy.xyz")
+    return tmp_path
+
+
+def write_options(path: Path, content: dict) -> None:
+    path.write_text(yaml.safe_dump(content))
+
+
+def test_train_eval_restart(workdir: Path) -> None:
+    write_options(
+        workdir / "options.yaml",
+        options(
+            "alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5
+        ),
+    )
+    result = mtt("train", "options.yaml", "-o", "model.pt", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = train_log(workdir)
+    assert f"Using metatrain-mace {metatrain_mace.__version__}" in log
+    assert str(Path(metatrain_mace.__file__).parent) in log
+    assert (workdir / "model.pt").exists() and (workdir / "model.ckpt").exists()
+
+    checkpoint = torch.load(workdir / "model.ckpt", weights_only=False)
+    assert checkpoint["implementation"] == f"metatrain-mace {metatrain_mace.__version__}"
+    model = model_from_checkpoint(checkpoint, context="export")
+    assert type(model) is metatrain_mace.MetaMACE
+    assert checkpoint["epoch"] == 1
+
+    # evaluation of the exported model with the stock command
+    write_options(
+        workdir / "eval.yaml",
+        {
+            "systems": {"read_from": "alloy.xyz", "length_unit": "angstrom"},
+            "targets": options("alloy.xyz")["training_set"]["targets"],
+        },
+    )
+    result = mtt("eval", "model.pt", "eval.yaml", "-o", "out.xyz", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "energy RMSE" in result.stdout + result.stderr
+    assert (workdir / "out.xyz").exists()
+
+    # restart: continue at epoch 2 with the optimizer and scheduler state
+    config = options("alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5)
+    config["architecture"]["training"]["num_epochs"] = 4
+    write_options(workdir / "options.yaml", config)
+    shutil.rmtree(workdir / "outputs")
+    result = mtt(
+        "train", "options.yaml", "--restart", "model.ckpt", "-o", "model2.pt", cwd=workdir
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = re.findall(r"Epoch:\s+(\d+) \| learning rate: ([0-9.e+-]+)", train_log(workdir))
+    assert [int(e) for e, _ in epochs] == [2, 3]
+    # lr = 0.01 * 0.5 ** (epoch + 1): the scheduler state survived the restart
+    assert float(epochs[0][1]) == pytest.approx(0.01 * 0.5**3)
+    restarted = torch.load(workdir / "model2.ckpt", weights_only=False)
+    assert restarted["epoch"] == 3
+    assert restarted["optimizer_state_dict"]["state"]
+
+
+def test_bad_hypers_fail_before_training(workdir: Path) -> None:
+    config = options("alloy.xyz")
+    config["architecture"]["model"]["hidden_irreps"] = "16x0e + 8x1o"
+    write_options(workdir / "options.yaml", config)
+    result = mtt("train", "options.yaml", cwd=workdir)
+    assert result.returncode != 0
+    assert "unequal multiplicities [8, 16]" in result.stdout + result.stderr
+    assert "Calling trainer" not in train_log(workdir)
+
+
+def test_disable_uses_metatrain_copy(workdir: Path) -> None:
+    config = options("alloy.xyz")
+    config["architecture"]["model"] = {"r_max": 4.5, "hidden_irreps": "8x0e + 8x1o"}
+    config["architecture"]["training"] = {"num_epochs": 1, "batch_size": 4}
+    write_options(workdir / "options.yaml", config)
+    result = mtt("train", "options.yaml", cwd=workdir, METATRAIN_MACE_DISABLE="1")
+    output = result.stdout + result.stderr + train_log(workdir)
+    # metatrain's in-tree copy ran (it may fail with mace-torch 0.3.16), ours not
+    assert "Using metatrain-mace" not in output
+    assert "metatrain_mace" not in output
+    assert "Running training for 'experimental.mace' architecture" in output

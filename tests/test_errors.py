@@ -1,0 +1,127 @@
+"""Bad input gets a clear error before any training starts."""
+
+import copy
+
+import pytest
+import torch
+from metatomic.torch import ModelOutput, System
+from omegaconf import OmegaConf
+
+from metatrain.utils.architectures import (
+    check_architecture_options,
+    get_default_hypers,
+)
+from metatrain.utils.data import DatasetInfo
+from metatrain.utils.data.target_info import (
+    get_energy_target_info,
+    get_generic_target_info,
+)
+from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
+from metatrain.utils.pydantic import MetatrainValidationError
+
+from metatrain_mace import MetaMACE, Trainer
+
+
+NAME = "experimental.mace"
+SMALL = {"hidden_irreps": "4x0e + 4x1o", "radial_MLP": [8], "head_hidden_sizes": [8]}
+
+
+def hypers(**changes):
+    model = get_default_hypers(NAME)["model"]
+    model.update(SMALL)
+    model.update(changes)
+    return model
+
+
+def energy_info(types=(1, 6)) -> DatasetInfo:
+    return DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=list(types),
+        targets={"energy": get_energy_target_info("energy", {"unit": "eV"})},
+    )
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("hidden_irreps", "16x0e + 16xq", "invalid irreps for 'hidden_irreps'"),
+        ("MLP_irreps", "sixteen", "invalid irreps for 'MLP_irreps'"),
+        ("hidden_irreps", "32x0e + 16x1o", "unequal multiplicities \\[16, 32\\]"),
+        ("hidden_irreps", "8x1o", "has no scalars"),
+        ("r_max", 0.0, "'r_max' must be positive, got 0.0"),
+        ("r_max", -1.0, "'r_max' must be positive"),
+        ("correlation", 0, "'correlation' must be at least 1, got 0"),
+    ],
+)
+def test_bad_model_hypers(key, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        MetaMACE(hypers(**{key: value}), energy_info())
+
+
+@pytest.mark.parametrize(
+    "model, expected",
+    [
+        ({"r_max": -1.0}, "r_max"),
+        ({"correlation": 0}, "correlation"),
+        ({"r_maxx": 5.0}, "Unrecognized option 'r_maxx'"),
+        ({"num_interactions": "two"}, "num_interactions"),
+    ],
+)
+def test_validation_names_the_key(model, expected) -> None:
+    options = OmegaConf.create({"name": NAME, "model": model, "training": {}})
+    with pytest.raises(MetatrainValidationError, match=expected):
+        check_architecture_options(NAME, OmegaConf.to_container(options))
+
+
+def test_rank_two_target_refused() -> None:
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6],
+        targets={
+            "mtt::polarizability": get_generic_target_info(
+                "mtt::polarizability",
+                {
+                    "quantity": "",
+                    "unit": "",
+                    "type": {"cartesian": {"rank": 2}},
+                    "num_subtargets": 1,
+                    "sample_kind": "system",
+                },
+            )
+        },
+    )
+    with pytest.raises(ValueError, match="'mtt::polarizability' is a tensor of rank 2"):
+        MetaMACE(hypers(), info)
+
+
+def test_unknown_types_at_evaluation_are_named() -> None:
+    model = MetaMACE(hypers(), energy_info((1, 6))).to(torch.float64).eval()
+    system = System(
+        types=torch.tensor([1, 8, 14, 6]),
+        positions=torch.rand(4, 3, dtype=torch.float64) * 3,
+        cell=torch.zeros(3, 3, dtype=torch.float64),
+        pbc=torch.tensor([False, False, False]),
+    )
+    system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+    outputs = {"energy": ModelOutput(sample_kind="system")}
+    with pytest.raises(ValueError, match=r"not trained on atomic types \[8, 14\]"):
+        model([system], outputs)
+
+    scripted = torch.jit.script(model)
+    with pytest.raises(torch.jit.Error, match=r"not trained on atomic types \[8, 14\]"):
+        scripted([system], outputs)
+
+
+def test_empty_dataset(tmp_path) -> None:
+    model = MetaMACE(hypers(), energy_info())
+    training = copy.deepcopy(get_default_hypers(NAME)["training"])
+    training["num_epochs"] = 1
+    with pytest.raises(ValueError, match="the training set is empty"):
+        Trainer(training).train(
+            model,
+            dtype=torch.float64,
+            devices=[torch.device("cpu")],
+            train_datasets=[[]],
+            val_datasets=[[]],
+            checkpoint_dir=str(tmp_path),
+        )

@@ -1,0 +1,92 @@
+"""The import hook: ``metatrain.experimental.mace`` is ``metatrain_mace``."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import metatrain
+
+import metatrain_mace
+
+
+def run_python(code: str, **env: str) -> str:
+    environment = {**os.environ, **env}
+    environment.pop("METATRAIN_MACE_DISABLE", None)
+    environment.update(env)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=environment,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_hook_runs_at_start_without_heavy_imports() -> None:
+    out = run_python(
+        "import sys; print(sorted(m for m in ('torch', 'mace', 'metatrain', "
+        "'metatrain_mace_hook') if m in sys.modules))"
+    )
+    assert out == "['metatrain_mace_hook']"
+
+
+def test_documentation_imports_without_torch_or_mace() -> None:
+    out = run_python(
+        "import sys, metatrain_mace.documentation as d; "
+        "print('torch' in sys.modules, 'mace' in sys.modules, "
+        "len(d.ModelHypers.__annotations__) > 20)"
+    )
+    assert out == "False False True"
+
+
+def test_alias_modules_are_the_same_objects() -> None:
+    out = run_python(
+        "import metatrain.experimental.mace as alias, metatrain_mace, "
+        "metatrain.experimental.mace.model as am, metatrain_mace.model as m, "
+        "metatrain.experimental.mace.documentation as ad, "
+        "metatrain_mace.documentation as d; "
+        "print(alias is metatrain_mace, am is m, ad is d, "
+        "alias.__spec__.name, am.__spec__.name)"
+    )
+    assert out == "True True True metatrain_mace metatrain_mace.model"
+
+
+def test_same_objects_in_this_process() -> None:
+    import metatrain.experimental.mace as alias
+    import metatrain.experimental.mace.model as alias_model
+
+    assert alias is metatrain_mace
+    assert alias_model.MetaMACE is metatrain_mace.MetaMACE
+
+
+def test_disable_keeps_metatrain_copy() -> None:
+    out = run_python(
+        "from metatrain.utils.architectures import import_architecture; "
+        "print(import_architecture('experimental.mace').__file__)",
+        METATRAIN_MACE_DISABLE="1",
+    )
+    metatrain_dir = Path(metatrain.__file__).parent
+    assert Path(out).parent == metatrain_dir / "experimental" / "mace"
+
+
+def test_register_overrides_explicitly() -> None:
+    out = run_python(
+        "import metatrain.experimental.mace as before; import metatrain_mace; "
+        "metatrain_mace.register(); "
+        "import importlib; after = importlib.import_module("
+        "'metatrain.experimental.mace'); "
+        "print(before is metatrain_mace, after is metatrain_mace)",
+        METATRAIN_MACE_DISABLE="1",
+    )
+    assert out == "False True"
+
+
+def test_entry_point() -> None:
+    points = importlib.metadata.entry_points(group="metatrain.architectures")
+    (point,) = [p for p in points if p.name == "experimental.mace"]
+    assert point.value == "metatrain_mace"
+    assert point.load() is metatrain_mace
