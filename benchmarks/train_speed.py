@@ -465,8 +465,7 @@ def main() -> int:
     print(f"working directory: {root}")
     make_data(data, args.structures, seed=args.seed, displacement=0.08)
     print(
-        f"data: {args.structures} ethanol structures (EMT energies and forces), "
-        f"{data}"
+        f"data: {args.structures} ethanol structures (EMT energies and forces), {data}"
     )
     print(
         f"model: hidden_irreps '{settings.hidden_irreps}', r_max {settings.r_max}, "
@@ -506,9 +505,7 @@ def main() -> int:
                 command = mace_command(settings, data)
             else:
                 program = MTT
-                (workdir / "options.yaml").write_text(
-                    metatrain_options(settings, data)
-                )
+                (workdir / "options.yaml").write_text(metatrain_options(settings, data))
                 command = [
                     sys.executable,
                     "-c",

@@ -18,8 +18,9 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Optional
 
 
 ALIAS = "metatrain.experimental.mace"
@@ -55,7 +56,7 @@ class _AliasLoader(importlib.abc.Loader):
 
 
 class MetatrainMaceFinder(importlib.abc.MetaPathFinder):
-    """Meta path finder aliasing ``metatrain.experimental.mace`` to ``metatrain_mace``."""
+    """Finder aliasing ``metatrain.experimental.mace[.*]`` to ``metatrain_mace[.*]``."""
 
     def find_spec(
         self,

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from mace.modules import symmetric_contraction
 
 import metatrain_mace.mace_import  # noqa: F401  (imports mace safely)
 from datasets import make_alloy, make_molecules
-from mace.modules import symmetric_contraction
 
 
 def _memoise_u_matrices() -> None:
     original = symmetric_contraction.U_matrix_real
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def cached(irreps_in, irreps_out, correlation, **kwargs):
         return original(irreps_in, irreps_out, correlation, **kwargs)
 

@@ -8,8 +8,6 @@ Every test class of ``metatrain.utils.testing`` is subclassed. The few
 from pathlib import Path
 
 import pytest
-
-import metatrain_mace
 from metatrain.utils.architectures import import_architecture
 from metatrain.utils.testing import (
     ArchitectureTests,
@@ -21,6 +19,8 @@ from metatrain.utils.testing import (
     TorchscriptTests,
     TrainingTests,
 )
+
+import metatrain_mace
 
 
 SMALL_HYPERS = {

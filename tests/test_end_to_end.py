@@ -4,14 +4,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_mace
-from metatrain.utils.io import model_from_checkpoint
 
 
 MODEL = {
@@ -58,8 +59,9 @@ def mtt(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ}
     environment.pop("METATRAIN_MACE_DISABLE", None)
     environment.update(env)
+    # the mtt of this interpreter's environment, activated or not
     return subprocess.run(
-        ["mtt", *args],
+        [str(Path(sys.executable).parent / "mtt"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -85,9 +87,7 @@ def write_options(path: Path, content: dict) -> None:
 def test_train_eval_restart(workdir: Path) -> None:
     write_options(
         workdir / "options.yaml",
-        options(
-            "alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5
-        ),
+        options("alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5),
     )
     result = mtt("train", "options.yaml", "-o", "model.pt", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,7 +97,9 @@ def test_train_eval_restart(workdir: Path) -> None:
     assert (workdir / "model.pt").exists() and (workdir / "model.ckpt").exists()
 
     checkpoint = torch.load(workdir / "model.ckpt", weights_only=False)
-    assert checkpoint["implementation"] == f"metatrain-mace {metatrain_mace.__version__}"
+    assert (
+        checkpoint["implementation"] == f"metatrain-mace {metatrain_mace.__version__}"
+    )
     model = model_from_checkpoint(checkpoint, context="export")
     assert type(model) is metatrain_mace.MetaMACE
     assert checkpoint["epoch"] == 1
@@ -121,10 +123,18 @@ def test_train_eval_restart(workdir: Path) -> None:
     write_options(workdir / "options.yaml", config)
     shutil.rmtree(workdir / "outputs")
     result = mtt(
-        "train", "options.yaml", "--restart", "model.ckpt", "-o", "model2.pt", cwd=workdir
+        "train",
+        "options.yaml",
+        "--restart",
+        "model.ckpt",
+        "-o",
+        "model2.pt",
+        cwd=workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    epochs = re.findall(r"Epoch:\s+(\d+) \| learning rate: ([0-9.e+-]+)", train_log(workdir))
+    epochs = re.findall(
+        r"Epoch:\s+(\d+) \| learning rate: ([0-9.e+-]+)", train_log(workdir)
+    )
     assert [int(e) for e, _ in epochs] == [2, 3]
     # lr = 0.01 * 0.5 ** (epoch + 1): the scheduler state survived the restart
     assert float(epochs[0][1]) == pytest.approx(0.01 * 0.5**3)

@@ -5,8 +5,6 @@ import copy
 import pytest
 import torch
 from metatomic.torch import ModelOutput, System
-from omegaconf import OmegaConf
-
 from metatrain.utils.architectures import (
     check_architecture_options,
     get_default_hypers,
@@ -18,6 +16,7 @@ from metatrain.utils.data.target_info import (
 )
 from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 from metatrain.utils.pydantic import MetatrainValidationError
+from omegaconf import OmegaConf
 
 from metatrain_mace import MetaMACE, Trainer
 

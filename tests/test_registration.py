@@ -90,3 +90,58 @@ def test_entry_point() -> None:
     (point,) = [p for p in points if p.name == "experimental.mace"]
     assert point.value == "metatrain_mace"
     assert point.load() is metatrain_mace
+
+
+def test_regular_install_from_wheel(tmp_path: Path) -> None:
+    """``pip install .`` (a wheel, not editable) also installs the hook."""
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            tmp_path,
+            root,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("metatrain_mace-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    # dependencies come from this environment (a plain path entry, so that its
+    # own editable install of metatrain-mace is not picked up)
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    Path(site, "zz_dependencies.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run(
+        [*pip, "install", "-q", "--no-deps", "--no-index", "--target", site, wheel],
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        [
+            python,
+            "-c",
+            "import metatrain_mace, metatrain.experimental.mace as m; "
+            "print(m is metatrain_mace, metatrain_mace.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "METATRAIN_MACE_DISABLE"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    alias, location = result.stdout.split()
+    assert alias == "True"
+    assert Path(location).is_relative_to(site)

@@ -6,13 +6,12 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from ase.calculators.emt import EMT
 from metatomic_ase import MetatomicCalculator
-
 from metatrain.utils.architectures import get_default_hypers
 from metatrain.utils.data import DatasetInfo, get_atomic_types, get_dataset
 from metatrain.utils.omegaconf import expand_dataset_config
+from omegaconf import OmegaConf
 
 from metatrain_mace import MetaMACE, Trainer
 
@@ -23,17 +22,19 @@ NAME = "experimental.mace"
 def load(path: str):
     dataset, targets, _ = get_dataset(
         expand_dataset_config(
-            OmegaConf.create({
-                "systems": {"read_from": path, "length_unit": "angstrom"},
-                "targets": {
-                    "energy": {
-                        "key": "REF_energy",
-                        "unit": "eV",
-                        "forces": {"key": "REF_forces"},
-                        "stress": {"key": "REF_stress"},
-                    }
-                },
-            })
+            OmegaConf.create(
+                {
+                    "systems": {"read_from": path, "length_unit": "angstrom"},
+                    "targets": {
+                        "energy": {
+                            "key": "REF_energy",
+                            "unit": "eV",
+                            "forces": {"key": "REF_forces"},
+                            "stress": {"key": "REF_stress"},
+                        }
+                    },
+                }
+            )
         )[0]
     )
     info = DatasetInfo(
@@ -54,7 +55,10 @@ def errors_against_emt(model: MetaMACE, frames: list, tmp_path) -> tuple:
         reference.calc = EMT()
         atoms = atoms.copy()
         atoms.calc = calculator
-        de.append((atoms.get_potential_energy() - reference.get_potential_energy()) / len(atoms))
+        de.append(
+            (atoms.get_potential_energy() - reference.get_potential_energy())
+            / len(atoms)
+        )
         df.append(atoms.get_forces() - reference.get_forces())
         ds.append(atoms.get_stress() - reference.get_stress())
     rmse = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
@@ -82,7 +86,11 @@ def test_training_reduces_errors(alloy_path, tmp_path, dtype) -> None:
                     "weight": 1.0,
                     "reduction": "mean",
                     "gradients": {
-                        "positions": {"type": "mse", "weight": 10.0, "reduction": "mean"},
+                        "positions": {
+                            "type": "mse",
+                            "weight": 10.0,
+                            "reduction": "mean",
+                        },
                         "strain": {"type": "mse", "weight": 1.0, "reduction": "mean"},
                     },
                 }
@@ -97,7 +105,9 @@ def test_training_reduces_errors(alloy_path, tmp_path, dtype) -> None:
     before = errors_against_emt(model, frames, tmp_path)
 
     trainer = Trainer({**training, "num_epochs": 12})
-    trainer.train(model, dtype, [torch.device("cpu")], [dataset], [dataset], str(tmp_path))
+    trainer.train(
+        model, dtype, [torch.device("cpu")], [dataset], [dataset], str(tmp_path)
+    )
     model.load_state_dict(trainer.best_model_state_dict)
     after = errors_against_emt(model, frames, tmp_path)
     print(f"RMSE before (E/atom, F, stress): {before}; after: {after}")

@@ -1,12 +1,14 @@
 """Fine-tuning strategies: which parameters train when starting from a checkpoint."""
 
 import logging
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
 
-def apply_finetuning(model: torch.nn.Module, strategy: Dict[str, Any]) -> torch.nn.Module:
+def apply_finetuning(
+    model: torch.nn.Module, strategy: dict[str, Any]
+) -> torch.nn.Module:
     """Set ``requires_grad`` following ``strategy`` and copy inherited heads.
 
     ``full`` trains every parameter; ``heads`` trains only parameters whose names

@@ -5,7 +5,7 @@ the interaction linears, the symmetric products and the heads; none on embedding
 radial MLPs, readouts and biases.
 """
 
-from typing import Any, Dict, List, Union
+from typing import Any, Union
 
 import torch
 
@@ -27,10 +27,12 @@ def _decays(name: str) -> bool:
     return name.startswith("heads.")
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+def parameter_groups(
+    model: torch.nn.Module, weight_decay: float
+) -> list[dict[str, Any]]:
     """Trainable parameters split into a decayed and a non-decayed group."""
-    decay: List[torch.nn.Parameter] = []
-    no_decay: List[torch.nn.Parameter] = []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
@@ -56,7 +58,9 @@ def build_optimizer(
     return torch.optim.Adam(groups, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, hypers: TrainerHypers) -> Scheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, hypers: TrainerHypers
+) -> Scheduler:
     """The learning-rate schedule, stepped once per epoch."""
     if hypers["lr_scheduler"] == "ExponentialLR":
         return torch.optim.lr_scheduler.ExponentialLR(

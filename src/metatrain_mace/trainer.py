@@ -4,10 +4,9 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union, cast
+from typing import Any, Literal, Optional, Union, cast
 
 import torch
-
 from metatrain.composition import train_or_load_composition_model
 from metatrain.scaler import train_or_load_scaler
 from metatrain.utils.abc import TrainerInterface
@@ -47,7 +46,7 @@ from metatrain_mace.optimization import build_optimizer, build_scheduler, step_s
 DatasetLike = Union[Dataset, torch.utils.data.Subset]
 
 
-def average_num_neighbors(model: MetaMACE, datasets: List[DatasetLike]) -> float:
+def average_num_neighbors(model: MetaMACE, datasets: list[DatasetLike]) -> float:
     """Average number of neighbours within ``r_max`` over the training structures."""
     options = model.requested_neighbor_lists()[0]
     n_atoms = 0
@@ -56,9 +55,7 @@ def average_num_neighbors(model: MetaMACE, datasets: List[DatasetLike]) -> float
     done = 0
     for dataset in datasets:
         for index in range(len(dataset)):
-            system = get_system_with_neighbor_lists(
-                dataset[index]["system"], [options]
-            )
+            system = get_system_with_neighbor_lists(dataset[index]["system"], [options])
             n_atoms += len(system)
             n_edges += len(system.get_neighbor_list(options).samples)
             done += 1
@@ -77,21 +74,21 @@ class Trainer(TrainerInterface[TrainerHypers]):
 
     def __init__(self, hypers: TrainerHypers) -> None:
         super().__init__(hypers)
-        self.optimizer_state_dict: Optional[Dict[str, Any]] = None
-        self.scheduler_state_dict: Optional[Dict[str, Any]] = None
+        self.optimizer_state_dict: Optional[dict[str, Any]] = None
+        self.scheduler_state_dict: Optional[dict[str, Any]] = None
         self.epoch: Optional[int] = None
         self.best_epoch: Optional[int] = None
         self.best_metric: Optional[float] = None
-        self.best_model_state_dict: Optional[Dict[str, Any]] = None
-        self.best_optimizer_state_dict: Optional[Dict[str, Any]] = None
+        self.best_model_state_dict: Optional[dict[str, Any]] = None
+        self.best_optimizer_state_dict: Optional[dict[str, Any]] = None
 
     def train(
         self,
         model: MetaMACE,
         dtype: torch.dtype,
-        devices: List[torch.device],
-        train_datasets: List[DatasetLike],
-        val_datasets: List[DatasetLike],
+        devices: list[torch.device],
+        train_datasets: list[DatasetLike],
+        val_datasets: list[DatasetLike],
         checkpoint_dir: str,
     ) -> None:
         if self.hypers.get("distributed", False):
@@ -211,7 +208,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             shuffle=False,
         )
 
-        loss_hypers = cast(Dict[str, LossSpecification], self.hypers["loss"])
+        loss_hypers = cast(dict[str, LossSpecification], self.hypers["loss"])
         loss_fn = LossAggregator(targets=train_targets, config=loss_hypers)
         logging.info("Loss functions:")
         for name, info in loss_fn.metadata.items():
@@ -232,7 +229,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             self.best_metric = math.inf
         epoch = start_epoch
         metric_logger: Optional[MetricLogger] = None
-        train_metrics: Dict[str, Any] = {}
+        train_metrics: dict[str, Any] = {}
         needs_grad = any(info.gradients for info in train_targets.values())
         model.train()
         logging.info("Starting training")
@@ -301,7 +298,9 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 self.epoch = epoch
                 self.optimizer_state_dict = optimizer.state_dict()
                 self.scheduler_state_dict = scheduler.state_dict()
-                self.save_checkpoint(model, Path(checkpoint_dir) / f"model_{epoch}.ckpt")
+                self.save_checkpoint(
+                    model, Path(checkpoint_dir) / f"model_{epoch}.ckpt"
+                )
 
         self.epoch = epoch if self.hypers["num_epochs"] > start_epoch else self.epoch
         self.optimizer_state_dict = optimizer.state_dict()
@@ -311,10 +310,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
         self,
         model: MetaMACE,
         loader: CombinedDataLoader,
-        train_targets: Dict[str, Any],
+        train_targets: dict[str, Any],
         loss_fn: LossAggregator,
-        per_structure: List[str],
-        not_per_atom: List[str],
+        per_structure: list[str],
+        not_per_atom: list[str],
         dtype: torch.dtype,
         device: torch.device,
         optimizer: Optional[torch.optim.Optimizer],
@@ -373,7 +372,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 rmse.update(scaled_predictions, scaled_targets, extra_data)
                 if mae is not None:
                     mae.update(scaled_predictions, scaled_targets, extra_data)
-        metrics: Dict[str, Any] = {}
+        metrics: dict[str, Any] = {}
         if with_metrics:
             metrics = rmse.finalize(not_per_atom=not_per_atom, device=device)
             if mae is not None:
@@ -400,7 +399,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
     @classmethod
     def load_checkpoint(
         cls,
-        checkpoint: Dict[str, Any],
+        checkpoint: dict[str, Any],
         hypers: TrainerHypers,
         context: Literal["restart", "finetune"],
     ) -> "Trainer":
@@ -416,11 +415,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
         return trainer
 
     @classmethod
-    def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    def upgrade_checkpoint(cls, checkpoint: dict[str, Any]) -> dict[str, Any]:
         return checkpoints.upgrade(
             checkpoint,
             "trainer",
             cls.__checkpoint_version__,
             checkpoints.TRAINER_UPDATES,
         )
-
