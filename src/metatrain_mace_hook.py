@@ -18,9 +18,8 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from collections.abc import Sequence
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence
 
 
 ALIAS = "metatrain.experimental.mace"

@@ -126,5 +126,12 @@ class TestTraining(TrainingTests, MACETests):
 
 class TestCheckpoints(CheckpointTests, MACETests):
     @pytest.fixture(autouse=True)
-    def _in_tests_dir(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.chdir(Path(__file__).parent)
+    def _in_checkpoints_parent(
+        self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        # the suite reads ./checkpoints/*.ckpt.gz and writes model_0.ckpt in the
+        # working directory: work in a temporary directory linked to ours
+        workdir = tmp_path / "work"
+        workdir.mkdir()
+        (workdir / "checkpoints").symlink_to(Path(__file__).parent / "checkpoints")
+        monkeypatch.chdir(workdir)

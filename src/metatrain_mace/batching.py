@@ -1,12 +1,14 @@
 """Turn a list of metatomic systems into one MACE graph, with vectorised tensor code."""
 
+from typing import List, Tuple
+
 import torch
 from metatomic.torch import NeighborListOptions, System
 
 
 def systems_to_graph(
-    systems: list[System], options: NeighborListOptions
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    systems: List[System], options: NeighborListOptions
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate ``systems`` into one graph.
 
     :return: ``(types, system_index, atom_index, edge_index, edge_vectors)``: atomic
@@ -16,12 +18,12 @@ def systems_to_graph(
         the positions and the cell (not taken from the neighbour list) so that every
         evaluation has its own autograd graph to positions and cell.
     """
-    types: list[torch.Tensor] = []
-    system_index: list[torch.Tensor] = []
-    atom_index: list[torch.Tensor] = []
-    senders: list[torch.Tensor] = []
-    receivers: list[torch.Tensor] = []
-    vectors: list[torch.Tensor] = []
+    types: List[torch.Tensor] = []
+    system_index: List[torch.Tensor] = []
+    atom_index: List[torch.Tensor] = []
+    senders: List[torch.Tensor] = []
+    receivers: List[torch.Tensor] = []
+    vectors: List[torch.Tensor] = []
     offset = 0
     for i, system in enumerate(systems):
         n_atoms = len(system)

@@ -1,6 +1,6 @@
 """Build ``mace.modules.MACE`` from the model hyperparameters, with clear errors."""
 
-from typing import Any
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ def parse_irreps(name: str, value: str) -> o3.Irreps:
         ) from err
 
 
-def check_model_hypers(hypers: dict[str, Any]) -> None:
+def check_model_hypers(hypers: Dict[str, Any]) -> None:
     """Refuse hyperparameters that MACE cannot build, before anything is trained."""
     if hypers["r_max"] <= 0:
         raise ValueError(f"'r_max' must be positive, got {hypers['r_max']}")
@@ -60,7 +60,7 @@ def check_model_hypers(hypers: dict[str, Any]) -> None:
         )
 
 
-def build_mace(hypers: dict[str, Any], atomic_types: list[int]) -> torch.nn.Module:
+def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Module:
     """A new ``mace.modules.MACE`` for ``atomic_types``, in float64.
 
     MACE computes its Clebsch-Gordan and contraction coefficients in the default

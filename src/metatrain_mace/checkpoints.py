@@ -5,19 +5,18 @@ function updating a checkpoint dict from ``v`` to ``v + 1`` in place. Version 1 
 the first published format, so both are empty for now.
 """
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Callable, Dict
 
 
-Update = Callable[[dict[str, Any]], None]
+Update = Callable[[Dict[str, Any]], None]
 
-MODEL_UPDATES: dict[int, Update] = {}
-TRAINER_UPDATES: dict[int, Update] = {}
+MODEL_UPDATES: Dict[int, Update] = {}
+TRAINER_UPDATES: Dict[int, Update] = {}
 
 
 def upgrade(
-    checkpoint: dict[str, Any], kind: str, current: int, updates: dict[int, Update]
-) -> dict[str, Any]:
+    checkpoint: Dict[str, Any], kind: str, current: int, updates: Dict[int, Update]
+) -> Dict[str, Any]:
     """Apply the updates from the checkpoint's ``<kind>_ckpt_version`` on."""
     key = f"{kind}_ckpt_version"
     version = checkpoint[key]

@@ -14,14 +14,14 @@ The hyperparameters below are validated by metatrain before anything is built; t
 module imports neither torch nor mace, so that it can be read cheaply.
 """
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Dict, Literal, Optional, Union
 
 from annotated_types import Ge, Gt
 from pydantic import ConfigDict, with_config
 from typing_extensions import NotRequired, TypedDict
 
 
-FixedWeights = dict[str, Union[float, dict[int, float]]]
+FixedWeights = Dict[str, Union[float, Dict[int, float]]]
 """Per-target fixed weights: one value for all atomic types, or one per type."""
 
 InteractionBlockName = Literal[
@@ -49,7 +49,7 @@ class LossSpecification(TypedDict):
     type: NotRequired[str] = "mse"
     weight: NotRequired[float] = 1.0
     reduction: NotRequired[Literal["none", "mean", "sum"]] = "mean"
-    gradients: NotRequired[dict[str, LossGradientSpecification]] = {}
+    gradients: NotRequired[Dict[str, LossGradientSpecification]] = {}
 
 
 class HeadsFinetuneConfig(TypedDict):
@@ -80,7 +80,7 @@ class FullFinetuneHypers(TypedDict):
     """Path to the checkpoint to start from."""
     config: NotRequired[Any]
     """Unused for ``full``."""
-    inherit_heads: dict[str, str] = {}
+    inherit_heads: Dict[str, str] = {}
     """Initialise the head of a new target (key) from an existing one (value)."""
 
 
@@ -96,7 +96,7 @@ class HeadsFinetuneHypers(TypedDict):
         "last_layer_modules": ["mace.readouts"],
     }
     """Trainable module prefixes."""
-    inherit_heads: dict[str, str] = {}
+    inherit_heads: Dict[str, str] = {}
     """Initialise the head of a new target (key) from an existing one (value)."""
 
 
@@ -236,7 +236,7 @@ class TrainerHypers(TypedDict):
     """Validation metric that selects the best model (the one exported)."""
     grad_clip_norm: Annotated[float, Gt(0)] = 10.0
     """Maximum norm of the gradient of all parameters (clipping)."""
-    loss: Union[str, dict[str, Union[LossSpecification, str]]] = "mse"
+    loss: Union[str, Dict[str, Union[LossSpecification, str]]] = "mse"
     """Loss of every target and gradient: a name (``mse``, ``mae``, ``huber``...)
     for all, or one entry per target with ``weight`` and per-gradient
     (``forces``, ``stress``, ``virial``) settings."""

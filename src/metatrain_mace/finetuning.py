@@ -1,13 +1,13 @@
 """Fine-tuning strategies: which parameters train when starting from a checkpoint."""
 
 import logging
-from typing import Any
+from typing import Any, Dict
 
 import torch
 
 
 def apply_finetuning(
-    model: torch.nn.Module, strategy: dict[str, Any]
+    model: torch.nn.Module, strategy: Dict[str, Any]
 ) -> torch.nn.Module:
     """Set ``requires_grad`` following ``strategy`` and copy inherited heads.
 

@@ -7,6 +7,8 @@ Every head returns the values of each target block per atom, and the features fe
 its last linear layer (for LLPR-style uncertainty).
 """
 
+from typing import List, Tuple
+
 import torch
 
 from metatrain_mace.mace_import import o3
@@ -21,9 +23,9 @@ def irrep_of_block(o3_lambda: int, o3_sigma: int) -> o3.Irrep:
 class MLPHead(torch.nn.Module):
     """SiLU MLP from scalar node features to ``num_properties`` invariant values."""
 
-    def __init__(self, in_features: int, hidden_sizes: list[int], num_properties: int):
+    def __init__(self, in_features: int, hidden_sizes: List[int], num_properties: int):
         super().__init__()
-        layers: list[torch.nn.Module] = []
+        layers: List[torch.nn.Module] = []
         previous = in_features
         for size in hidden_sizes:
             layers.append(torch.nn.Linear(previous, size))
@@ -35,7 +37,7 @@ class MLPHead(torch.nn.Module):
 
     def forward(
         self, features: torch.Tensor, scalar_features: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
         hidden = self.hidden(scalar_features)
         return [self.last(hidden)], hidden
 
@@ -67,14 +69,14 @@ class EquivariantLinearBlock(torch.nn.Module):
 class EquivariantLinearHead(torch.nn.Module):
     """One :class:`EquivariantLinearBlock` per block of an equivariant target."""
 
-    def __init__(self, blocks: list[EquivariantLinearBlock]):
+    def __init__(self, blocks: List[EquivariantLinearBlock]):
         super().__init__()
         self.blocks = torch.nn.ModuleList(blocks)
 
     def forward(
         self, features: torch.Tensor, scalar_features: torch.Tensor
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        values: list[torch.Tensor] = []
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        values: List[torch.Tensor] = []
         for block in self.blocks:
             values.append(block(features))
         return values, scalar_features

@@ -1,7 +1,7 @@
 """The ``experimental.mace`` model: MACE node features, MACE energy readout, heads."""
 
 import logging
-from typing import Any, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import metatensor.torch as mts
 import torch
@@ -75,13 +75,13 @@ class MetaMACE(ModelInterface[ModelHypers]):
     )
 
     # TorchScript cannot infer the types of these (possibly empty) containers
-    key_labels: dict[str, Labels]
-    component_labels: dict[str, list[list[Labels]]]
-    property_labels: dict[str, list[Labels]]
+    key_labels: Dict[str, Labels]
+    component_labels: Dict[str, List[List[Labels]]]
+    property_labels: Dict[str, List[Labels]]
 
     def __init__(self, hypers: ModelHypers, dataset_info: DatasetInfo) -> None:
         super().__init__(hypers, dataset_info, self.__default_metadata__)
-        self.atomic_types: list[int] = sorted(int(t) for t in dataset_info.atomic_types)
+        self.atomic_types: List[int] = sorted(int(t) for t in dataset_info.atomic_types)
         # built in float64 for accurate coefficients, then cast like every new module
         self.mace = build_mace(dict(hypers), self.atomic_types).to(
             torch.get_default_dtype()
@@ -110,8 +110,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
         )
 
         self.feature_irreps = node_feature_irreps(self.mace)
-        scalar_index: list[int] = []
-        layer_scalars: list[int] = []
+        scalar_index: List[int] = []
+        layer_scalars: List[int] = []
         start = 0
         for product in self.mace.products:
             irreps = o3.Irreps(product.linear.irreps_out)
@@ -126,17 +126,17 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.layer_scalars = layer_scalars
         self.num_scalar_features = len(scalar_index)
 
-        self.outputs: dict[str, ModelOutput] = {
+        self.outputs: Dict[str, ModelOutput] = {
             "feature": ModelOutput(
                 sample_kind="atom",
                 description="invariant (0e) MACE node features of all layers",
             )
         }
         self.heads = torch.nn.ModuleDict()
-        self.target_names: list[str] = []
-        self.key_labels: dict[str, Labels] = {}
-        self.component_labels: dict[str, list[list[Labels]]] = {}
-        self.property_labels: dict[str, list[Labels]] = {}
+        self.target_names: List[str] = []
+        self.key_labels: Dict[str, Labels] = {}
+        self.component_labels: Dict[str, List[List[Labels]]] = {}
+        self.property_labels: Dict[str, List[Labels]] = {}
         for name, info in dataset_info.targets.items():
             self._add_output(name, info)
 
@@ -147,7 +147,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
             hypers=get_default_hypers("scaler")["model"], dataset_info=dataset_info
         )
         self.single_label = Labels.single()
-        self.finetune_config: dict[str, Any] = {}
+        self.finetune_config: Dict[str, Any] = {}
         self.has_new_targets = False
 
     # ------------------------------------------------------------------ targets
@@ -169,7 +169,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 len(info.layout.block().properties),
             )
         else:
-            blocks: list[EquivariantLinearBlock] = []
+            blocks: List[EquivariantLinearBlock] = []
             for key, block in info.layout.items():
                 if info.is_cartesian:
                     irrep = o3.Irrep("1o")
@@ -199,14 +199,14 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.component_labels[name] = [b.components for b in info.layout.blocks()]
         self.property_labels[name] = [b.properties for b in info.layout.blocks()]
 
-    def supported_outputs(self) -> dict[str, ModelOutput]:
+    def supported_outputs(self) -> Dict[str, ModelOutput]:
         return self.outputs
 
-    def requested_neighbor_lists(self) -> list[NeighborListOptions]:
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.nl_options]
 
     def restart(
-        self, dataset_info: DatasetInfo, model_hypers: Optional[dict[str, Any]] = None
+        self, dataset_info: DatasetInfo, model_hypers: Optional[Dict[str, Any]] = None
     ) -> "MetaMACE":
         if model_hypers is not None:
             raise_if_hypers_mismatch(
@@ -253,14 +253,14 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     def _node_features(
         self, node_attrs: torch.Tensor, edge_index: torch.Tensor, vectors: torch.Tensor
-    ) -> list[torch.Tensor]:
+    ) -> List[torch.Tensor]:
         lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
         node_feats = self.mace.node_embedding(node_attrs)
         edge_attrs = self.mace.spherical_harmonics(vectors)
         edge_feats, cutoff = self.mace.radial_embedding(
             lengths, node_attrs, edge_index, self.mace.atomic_numbers
         )
-        features: list[torch.Tensor] = []
+        features: List[torch.Tensor] = []
         for i, (interaction, product) in enumerate(
             zip(self.mace.interactions, self.mace.products)  # noqa: B905 (TorchScript)
         ):
@@ -279,18 +279,18 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     def _mace_energy(
         self,
-        features: list[torch.Tensor],
+        features: List[torch.Tensor],
         node_attrs: torch.Tensor,
         edge_index: torch.Tensor,
         vectors: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-atom energy of MACE's readouts, and the readouts' last-layer features."""
         n_atoms = node_attrs.shape[0]
         node_heads = torch.full(
             (n_atoms,), self.head_index, dtype=torch.int64, device=node_attrs.device
         )
         energy = torch.zeros(n_atoms, dtype=node_attrs.dtype, device=node_attrs.device)
-        last_layer: list[torch.Tensor] = []
+        last_layer: List[torch.Tensor] = []
         n_readouts = len(self.mace.readouts)
         for i, readout in enumerate(self.mace.readouts):
             layer = len(features) - 1 if n_readouts == 1 else i
@@ -316,7 +316,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
             -1,
         )
         if bool((species < 0).any()):
-            unknown: list[int] = (
+            unknown: List[int] = (
                 torch.unique(types[species < 0]).to(torch.int64).tolist()
             )
             raise ValueError(
@@ -330,12 +330,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
     def _as_tensor_map(
         self,
         name: str,
-        blocks: list[torch.Tensor],
+        blocks: List[torch.Tensor],
         samples: Labels,
         output: ModelOutput,
         selected_atoms: Optional[Labels],
     ) -> TensorMap:
-        tensor_blocks: list[TensorBlock] = []
+        tensor_blocks: List[TensorBlock] = []
         for i, values in enumerate(blocks):
             tensor_blocks.append(
                 TensorBlock(
@@ -390,11 +390,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     def forward(
         self,
-        systems: list[System],
-        outputs: dict[str, ModelOutput],
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
         selected_atoms: Optional[Labels] = None,
-    ) -> dict[str, TensorMap]:
-        result: dict[str, TensorMap] = {}
+    ) -> Dict[str, TensorMap]:
+        result: Dict[str, TensorMap] = {}
         if len(outputs) == 0:
             return result
         device = systems[0].positions.device
@@ -459,11 +459,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     def _add_baselines(
         self,
-        systems: list[System],
-        outputs: dict[str, ModelOutput],
-        result: dict[str, TensorMap],
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        result: Dict[str, TensorMap],
         selected_atoms: Optional[Labels],
-    ) -> dict[str, TensorMap]:
+    ) -> Dict[str, TensorMap]:
         """Undo the target scaling and add the composition baseline (evaluation)."""
         result = self.scaler.apply_scales(
             systems,
@@ -473,13 +473,13 @@ class MetaMACE(ModelInterface[ModelHypers]):
             use_per_property_scales=True,
         )
         for additive_model in self.additive_models:
-            requested: dict[str, ModelOutput] = {}
+            requested: Dict[str, ModelOutput] = {}
             for name, output in outputs.items():
                 if name in additive_model.outputs:
                     requested[name] = output
             contributions = additive_model(systems, requested, selected_atoms)
             for name, contribution in contributions.items():
-                blocks: list[TensorBlock] = []
+                blocks: List[TensorBlock] = []
                 for key, block in result[name].items():
                     values = block.values
                     if key in contribution.keys:
@@ -498,7 +498,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def get_checkpoint(self) -> dict[str, Any]:
+    def get_checkpoint(self) -> Dict[str, Any]:
         state_dict = self.state_dict()
         return {
             "architecture_name": ARCHITECTURE_NAME,
@@ -519,7 +519,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
     @classmethod
     def load_checkpoint(
         cls,
-        checkpoint: dict[str, Any],
+        checkpoint: Dict[str, Any],
         context: Literal["restart", "finetune", "export"],
     ) -> "MetaMACE":
         if context == "restart":
@@ -546,7 +546,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         return model
 
     @classmethod
-    def upgrade_checkpoint(cls, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         return checkpoints.upgrade(
             checkpoint, "model", cls.__checkpoint_version__, checkpoints.MODEL_UPDATES
         )

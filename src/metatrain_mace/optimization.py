@@ -5,7 +5,7 @@ the interaction linears, the symmetric products and the heads; none on embedding
 radial MLPs, readouts and biases.
 """
 
-from typing import Any, Union
+from typing import Any, Dict, List, Union
 
 import torch
 
@@ -29,10 +29,10 @@ def _decays(name: str) -> bool:
 
 def parameter_groups(
     model: torch.nn.Module, weight_decay: float
-) -> list[dict[str, Any]]:
+) -> List[Dict[str, Any]]:
     """Trainable parameters split into a decayed and a non-decayed group."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
+    decay: List[torch.nn.Parameter] = []
+    no_decay: List[torch.nn.Parameter] = []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue

@@ -4,7 +4,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, cast
+from typing import Any, Dict, List, Literal, Optional, Union, cast
 
 import torch
 from metatrain.composition import train_or_load_composition_model
@@ -46,7 +46,7 @@ from metatrain_mace.optimization import build_optimizer, build_scheduler, step_s
 DatasetLike = Union[Dataset, torch.utils.data.Subset]
 
 
-def average_num_neighbors(model: MetaMACE, datasets: list[DatasetLike]) -> float:
+def average_num_neighbors(model: MetaMACE, datasets: List[DatasetLike]) -> float:
     """Average number of neighbours within ``r_max`` over the training structures."""
     options = model.requested_neighbor_lists()[0]
     n_atoms = 0
@@ -74,21 +74,21 @@ class Trainer(TrainerInterface[TrainerHypers]):
 
     def __init__(self, hypers: TrainerHypers) -> None:
         super().__init__(hypers)
-        self.optimizer_state_dict: Optional[dict[str, Any]] = None
-        self.scheduler_state_dict: Optional[dict[str, Any]] = None
+        self.optimizer_state_dict: Optional[Dict[str, Any]] = None
+        self.scheduler_state_dict: Optional[Dict[str, Any]] = None
         self.epoch: Optional[int] = None
         self.best_epoch: Optional[int] = None
         self.best_metric: Optional[float] = None
-        self.best_model_state_dict: Optional[dict[str, Any]] = None
-        self.best_optimizer_state_dict: Optional[dict[str, Any]] = None
+        self.best_model_state_dict: Optional[Dict[str, Any]] = None
+        self.best_optimizer_state_dict: Optional[Dict[str, Any]] = None
 
     def train(
         self,
         model: MetaMACE,
         dtype: torch.dtype,
-        devices: list[torch.device],
-        train_datasets: list[DatasetLike],
-        val_datasets: list[DatasetLike],
+        devices: List[torch.device],
+        train_datasets: List[DatasetLike],
+        val_datasets: List[DatasetLike],
         checkpoint_dir: str,
     ) -> None:
         if self.hypers.get("distributed", False):
@@ -208,7 +208,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             shuffle=False,
         )
 
-        loss_hypers = cast(dict[str, LossSpecification], self.hypers["loss"])
+        loss_hypers = cast(Dict[str, LossSpecification], self.hypers["loss"])
         loss_fn = LossAggregator(targets=train_targets, config=loss_hypers)
         logging.info("Loss functions:")
         for name, info in loss_fn.metadata.items():
@@ -229,7 +229,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             self.best_metric = math.inf
         epoch = start_epoch
         metric_logger: Optional[MetricLogger] = None
-        train_metrics: dict[str, Any] = {}
+        train_metrics: Dict[str, Any] = {}
         needs_grad = any(info.gradients for info in train_targets.values())
         model.train()
         logging.info("Starting training")
@@ -310,10 +310,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
         self,
         model: MetaMACE,
         loader: CombinedDataLoader,
-        train_targets: dict[str, Any],
+        train_targets: Dict[str, Any],
         loss_fn: LossAggregator,
-        per_structure: list[str],
-        not_per_atom: list[str],
+        per_structure: List[str],
+        not_per_atom: List[str],
         dtype: torch.dtype,
         device: torch.device,
         optimizer: Optional[torch.optim.Optimizer],
@@ -372,7 +372,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 rmse.update(scaled_predictions, scaled_targets, extra_data)
                 if mae is not None:
                     mae.update(scaled_predictions, scaled_targets, extra_data)
-        metrics: dict[str, Any] = {}
+        metrics: Dict[str, Any] = {}
         if with_metrics:
             metrics = rmse.finalize(not_per_atom=not_per_atom, device=device)
             if mae is not None:
@@ -399,7 +399,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
     @classmethod
     def load_checkpoint(
         cls,
-        checkpoint: dict[str, Any],
+        checkpoint: Dict[str, Any],
         hypers: TrainerHypers,
         context: Literal["restart", "finetune"],
     ) -> "Trainer":
@@ -415,7 +415,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
         return trainer
 
     @classmethod
-    def upgrade_checkpoint(cls, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
         return checkpoints.upgrade(
             checkpoint,
             "trainer",
