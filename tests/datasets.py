@@ -16,6 +16,16 @@ from ase.collections import g2
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# the targets section of metatrain options for the files of make_alloy
+ALLOY_TARGETS = {
+    "energy": {
+        "key": "REF_energy",
+        "unit": "eV",
+        "forces": {"key": "REF_forces"},
+        "stress": {"key": "REF_stress"},
+    }
+}
+
 
 def make_molecules(path: Path, n_structures: int = 40, seed: int = 0) -> Path:
     """Rattled H/C/N/O molecules (>= 3 atoms) with EMT energy ``U0`` and forces."""

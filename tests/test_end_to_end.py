@@ -13,6 +13,7 @@ import yaml
 from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_mace
+from datasets import ALLOY_TARGETS
 
 
 MODEL = {
@@ -41,14 +42,7 @@ def options(dataset: str, **training) -> dict:
         },
         "training_set": {
             "systems": {"read_from": dataset, "length_unit": "angstrom"},
-            "targets": {
-                "energy": {
-                    "key": "REF_energy",
-                    "unit": "eV",
-                    "forces": {"key": "REF_forces"},
-                    "stress": {"key": "REF_stress"},
-                }
-            },
+            "targets": ALLOY_TARGETS,
         },
         "validation_set": 0.2,
         "test_set": 0.0,

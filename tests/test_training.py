@@ -13,6 +13,7 @@ from metatrain.utils.data import DatasetInfo, get_atomic_types, get_dataset
 from metatrain.utils.omegaconf import expand_dataset_config
 from omegaconf import OmegaConf
 
+from datasets import ALLOY_TARGETS
 from metatrain_mace import MetaMACE, Trainer
 
 
@@ -25,14 +26,7 @@ def load(path: str):
             OmegaConf.create(
                 {
                     "systems": {"read_from": path, "length_unit": "angstrom"},
-                    "targets": {
-                        "energy": {
-                            "key": "REF_energy",
-                            "unit": "eV",
-                            "forces": {"key": "REF_forces"},
-                            "stress": {"key": "REF_stress"},
-                        }
-                    },
+                    "targets": ALLOY_TARGETS,
                 }
             )
         )[0]

@@ -1,6 +1,7 @@
 """Trainer of the ``experimental.mace`` architecture, on metatrain's machinery."""
 
 import copy
+import functools
 import logging
 import math
 from pathlib import Path
@@ -231,6 +232,16 @@ class Trainer(TrainerInterface[TrainerHypers]):
         metric_logger: Optional[MetricLogger] = None
         train_metrics: Dict[str, Any] = {}
         needs_grad = any(info.gradients for info in train_targets.values())
+        run_epoch = functools.partial(
+            self._run_epoch,
+            model,
+            train_targets=train_targets,
+            loss_fn=loss_fn,
+            per_structure=per_structure,
+            not_per_atom=not_per_atom,
+            dtype=dtype,
+            device=device,
+        )
         model.train()
         logging.info("Starting training")
         for epoch in range(start_epoch, self.hypers["num_epochs"]):
@@ -240,17 +251,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
             log_this_epoch = (
                 epoch == start_epoch or epoch % self.hypers["log_interval"] == 0
             )
-            train_loss, train_metrics_epoch = self._run_epoch(
-                model,
-                train_loader,
-                train_targets,
-                loss_fn,
-                per_structure,
-                not_per_atom,
-                dtype,
-                device,
-                optimizer=optimizer,
-                with_metrics=log_this_epoch,
+            train_loss, train_metrics_epoch = run_epoch(
+                train_loader, optimizer=optimizer, with_metrics=log_this_epoch
             )
             if log_this_epoch:
                 train_metrics = {"loss": train_loss, **train_metrics_epoch}
@@ -258,17 +260,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
             # the model stays in training mode: in evaluation mode it would add the
             # baselines that the collate function removed from the targets
             with torch.set_grad_enabled(needs_grad):
-                val_loss, val_metrics = self._run_epoch(
-                    model,
-                    val_loader,
-                    train_targets,
-                    loss_fn,
-                    per_structure,
-                    not_per_atom,
-                    dtype,
-                    device,
-                    optimizer=None,
-                    with_metrics=True,
+                val_loss, val_metrics = run_epoch(
+                    val_loader, optimizer=None, with_metrics=True
                 )
             val_metrics = {"loss": val_loss, **val_metrics}
             step_scheduler(scheduler, val_loss)
