@@ -87,7 +87,6 @@ class Settings:
     seed: int
     lr: float = 0.01
     weight_decay: float = 5e-7
-    valid_fraction: float = 0.1
     r_max: float = 5.0
     num_radial_basis: int = 8
     num_cutoff_basis: int = 5
@@ -104,12 +103,12 @@ class Settings:
         return f"{self.channels}x0e + {self.channels}x1o"
 
 
-def mace_command(s: Settings, data: Path) -> list[str]:
+def mace_command(s: Settings, train: Path, valid: Path) -> list[str]:
     args = {
         "--name": "bench",
         "--seed": s.seed,
-        "--train_file": data,
-        "--valid_fraction": s.valid_fraction,
+        "--train_file": train,
+        "--valid_file": valid,
         "--energy_key": ENERGY_KEY,
         "--forces_key": FORCES_KEY,
         "--E0s": "average",
@@ -124,6 +123,7 @@ def mace_command(s: Settings, data: Path) -> list[str]:
         "--MLP_irreps": s.mlp_irreps,
         "--radial_MLP": str(s.radial_mlp),
         "--gate": "silu",
+        "--interaction": "RealAgnosticResidualInteractionBlock",
         "--scaling": "rms_forces_scaling",
         "--batch_size": s.batch_size,
         "--valid_batch_size": s.batch_size,
@@ -162,8 +162,26 @@ def mace_command(s: Settings, data: Path) -> list[str]:
     return command
 
 
-def metatrain_options(s: Settings, data: Path) -> str:
+def metatrain_options(s: Settings, train: Path, valid: Path) -> str:
     radial_mlp = ", ".join(str(width) for width in s.radial_mlp)
+
+    def dataset(path: Path) -> str:
+        return textwrap.indent(
+            textwrap.dedent(
+                f"""\
+                systems:
+                  read_from: {path}
+                  length_unit: angstrom
+                targets:
+                  energy:
+                    key: {ENERGY_KEY}
+                    unit: eV
+                    forces:
+                      key: {FORCES_KEY}"""
+            ),
+            " " * 10,
+        ).lstrip()
+
     return textwrap.dedent(
         f"""\
         seed: {s.seed}
@@ -182,6 +200,9 @@ def metatrain_options(s: Settings, data: Path) -> str:
             MLP_irreps: "{s.mlp_irreps}"
             radial_MLP: [{radial_mlp}]
             gate: silu
+            # mace_run_train --model MACE always uses this block for the first layer
+            interaction: RealAgnosticResidualInteractionBlock
+            interaction_first: RealAgnosticInteractionBlock
           training:
             num_epochs: {s.epochs}
             batch_size: {s.batch_size}
@@ -205,16 +226,9 @@ def metatrain_options(s: Settings, data: Path) -> str:
                     type: mse
                     weight: {s.forces_weight}
         training_set:
-          systems:
-            read_from: {data}
-            length_unit: angstrom
-          targets:
-            energy:
-              key: {ENERGY_KEY}
-              unit: eV
-              forces:
-                key: {FORCES_KEY}
-        validation_set: {s.valid_fraction}
+          {dataset(train)}
+        validation_set:
+          {dataset(valid)}
         test_set: 0.0
         """
     )
@@ -226,6 +240,7 @@ def metatrain_options(s: Settings, data: Path) -> str:
 @dataclass
 class Program:
     name: str
+    short: str
     # log lines that mark the start of epoch 0 (the last one seen before epoch 0 wins)
     start: list[re.Pattern[str]]
     # log line that marks the end of an epoch, with the epoch number as group 1
@@ -234,11 +249,13 @@ class Program:
 
 MTT = Program(
     name="metatrain-mace (mtt train)",
+    short="ours",
     start=[re.compile(r"Calling trainer"), re.compile(r"Starting training")],
     epoch=re.compile(r"Epoch:\s*(\d+)\s*\|"),
 )
 MACE = Program(
     name="mace-torch (mace_run_train)",
+    short="MACE",
     start=[re.compile(r"INFO: Initial:")],
     epoch=re.compile(r"INFO: Epoch (\d+):"),
 )
@@ -323,7 +340,7 @@ def run_program(
             if line.strip():
                 tail = (tail + [line.rstrip()])[-25:]
             if verbose:
-                print(f"    | {line.rstrip()}", flush=True)
+                print(f"    {program.short} | {line.rstrip()}", flush=True)
             if not ends and any(p.search(line) for p in program.start):
                 start = now
                 cpu_start = cpu_seconds(process.pid)
@@ -336,7 +353,7 @@ def run_program(
                     if cpu is not None:
                         cpu_ends[epoch] = cpu
                     print(
-                        f"    epoch {epoch} done at {now - t0:8.2f} s "
+                        f"    {program.short}: epoch {epoch} done at {now - t0:8.2f} s "
                         f"(CPU {cpu if cpu is not None else float('nan'):8.2f} s)",
                         flush=True,
                     )
@@ -405,7 +422,14 @@ def main() -> int:
     )
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run")
     parser.add_argument(
-        "--structures", type=int, default=80, help="number of ethanol structures"
+        "--structures",
+        type=int,
+        default=80,
+        help="training structures (a multiple of --batch-size, so that no program "
+        "drops or pads a partial batch)",
+    )
+    parser.add_argument(
+        "--valid-structures", type=int, default=10, help="validation structures"
     )
     parser.add_argument(
         "--channels",
@@ -452,6 +476,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first epoch is not timed)")
+    if args.structures % args.batch_size != 0:
+        # mace_run_train drops the last partial training batch, metatrain keeps it:
+        # with a partial batch the two programs would not do the same work
+        parser.error(
+            f"--structures ({args.structures}) must be a multiple of --batch-size "
+            f"({args.batch_size})"
+        )
 
     settings = Settings(
         epochs=args.epochs,
@@ -461,11 +492,14 @@ def main() -> int:
     )
 
     root = Path(tempfile.mkdtemp(prefix="mace_train_speed_"))
-    data = root / "ethanol.xyz"
+    train = root / "train.xyz"
+    valid = root / "valid.xyz"
     print(f"working directory: {root}")
-    make_data(data, args.structures, seed=args.seed, displacement=0.08)
+    make_data(train, args.structures, seed=args.seed, displacement=0.08)
+    make_data(valid, args.valid_structures, seed=args.seed + 1, displacement=0.08)
     print(
-        f"data: {args.structures} ethanol structures (EMT energies and forces), {data}"
+        f"data: {args.structures} training and {args.valid_structures} validation "
+        f"ethanol structures (EMT energies and forces), {train} and {valid}"
     )
     print(
         f"model: hidden_irreps '{settings.hidden_irreps}', r_max {settings.r_max}, "
@@ -474,7 +508,7 @@ def main() -> int:
     )
     print(
         f"training: {args.epochs} epochs, batch size {args.batch_size}, "
-        f"validation fraction {settings.valid_fraction}, {args.threads} thread(s)"
+        f"{args.threads} thread(s)"
     )
 
     env = dict(os.environ)
@@ -494,52 +528,75 @@ def main() -> int:
     if args.only in ("both", "ours"):
         programs.append("ours")
 
+    # Both programs run at the same time (each on its own core) when there are
+    # enough cores: then they see the same machine, and the slow drifts of a shared
+    # machine (other jobs, clock changes) cancel in the ratio. Otherwise they run
+    # one after the other, alternating which goes first.
+    cores = os.cpu_count() or 1
+    concurrent = len(programs) == 2 and cores >= 2 * args.threads
+    print(
+        "running both programs at the same time"
+        if concurrent
+        else "running the programs one after the other"
+    )
+
+    def job(which: str, repeat: int) -> tuple[Program, list[str], Path]:
+        workdir = root / f"{which}_{repeat}"
+        workdir.mkdir()
+        if which == "mace":
+            return MACE, mace_command(settings, train, valid), workdir
+        (workdir / "options.yaml").write_text(metatrain_options(settings, train, valid))
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from metatrain.__main__ import main; sys.exit(main())",
+            "train",
+            "options.yaml",
+            "-o",
+            "model.pt",
+        ]
+        return MTT, command, workdir
+
+    def run(which: str, program: Program, command: list[str], workdir: Path) -> None:
+        result = run_program(
+            program,
+            command,
+            workdir,
+            env,
+            n_epochs=args.epochs,
+            full=args.full,
+            timeout=args.timeout,
+            verbose=args.verbose,
+        )
+        if result.error:
+            print(
+                f"    {program.name} did not finish its epochs "
+                f"(exit code {result.returncode}); last lines:"
+            )
+            print(textwrap.indent(result.error, "    | "))
+        if max(result.load) > cores:
+            print(
+                f"    note: load average {result.load[0]:.1f} -> "
+                f"{result.load[1]:.1f} on {cores} cores: other processes "
+                "competed for the CPU, timings may be noisy"
+            )
+        results[which].append(result)
+
     results: dict[str, list[Result]] = {"mace": [], "ours": []}
     for repeat in range(args.repeats):
         order = programs if repeat % 2 == 0 else programs[::-1]
-        for which in order:
-            workdir = root / f"{which}_{repeat}"
-            workdir.mkdir()
-            if which == "mace":
-                program = MACE
-                command = mace_command(settings, data)
-            else:
-                program = MTT
-                (workdir / "options.yaml").write_text(metatrain_options(settings, data))
-                command = [
-                    sys.executable,
-                    "-c",
-                    "import sys; from metatrain.__main__ import main; sys.exit(main())",
-                    "train",
-                    "options.yaml",
-                    "-o",
-                    "model.pt",
-                ]
+        jobs = [(which, *job(which, repeat)) for which in order]
+        for _, program, _, workdir in jobs:
             print(f"\n[{repeat + 1}/{args.repeats}] {program.name} in {workdir}")
-            result = run_program(
-                program,
-                command,
-                workdir,
-                env,
-                n_epochs=args.epochs,
-                full=args.full,
-                timeout=args.timeout,
-                verbose=args.verbose,
-            )
-            if result.error:
-                print(
-                    f"    {program.name} did not finish its epochs "
-                    f"(exit code {result.returncode}); last lines:"
-                )
-                print(textwrap.indent(result.error, "    | "))
-            cores = os.cpu_count() or 1
-            if max(result.load) > cores:
-                print(
-                    f"    note: load average {result.load[0]:.1f} -> "
-                    f"{result.load[1]:.1f} on {cores} cores: other processes "
-                    "competed for the CPU, timings may be noisy"
-                )
-            results[which].append(result)
+        if concurrent:
+            threads = [threading.Thread(target=run, args=j) for j in jobs]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        else:
+            for j in jobs:
+                run(*j)
 
     all_results = results["mace"] + results["ours"]
     print_table(all_results, args.epochs)

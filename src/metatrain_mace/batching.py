@@ -23,28 +23,35 @@ def systems_to_graph(
     atom_index: List[torch.Tensor] = []
     senders: List[torch.Tensor] = []
     receivers: List[torch.Tensor] = []
-    vectors: List[torch.Tensor] = []
+    shifts: List[torch.Tensor] = []
+    edge_system: List[torch.Tensor] = []
     offset = 0
     for i, system in enumerate(systems):
         n_atoms = len(system)
-        neighbors = system.get_neighbor_list(options)
+        pairs = system.get_neighbor_list(options).samples.values
         types.append(system.types)
         arange = torch.arange(n_atoms, device=system.device)
         atom_index.append(arange)
         system_index.append(torch.full_like(arange, i))
-        pairs = neighbors.samples.values
-        first = pairs[:, 0].to(torch.int64)
-        second = pairs[:, 1].to(torch.int64)
-        shifts = pairs[:, 2:5].to(system.positions.dtype) @ system.cell
-        vectors.append(system.positions[second] - system.positions[first] + shifts)
-        senders.append(first + offset)
-        receivers.append(second + offset)
+        senders.append(pairs[:, 0].to(torch.int64) + offset)
+        receivers.append(pairs[:, 1].to(torch.int64) + offset)
+        shifts.append(pairs[:, 2:5])
+        edge_system.append(torch.full_like(pairs[:, 0], i, dtype=torch.int64))
         offset += n_atoms
-    edge_index = torch.stack([torch.cat(senders), torch.cat(receivers)]).to(torch.int64)
+    positions = torch.cat([system.positions for system in systems])
+    cells = torch.stack([system.cell for system in systems])
+    sender = torch.cat(senders)
+    receiver = torch.cat(receivers)
+    # one batched product for the periodic shifts of all edges: shift @ cell
+    cell_shifts = torch.bmm(
+        torch.cat(shifts).to(positions.dtype).unsqueeze(1),
+        cells.index_select(0, torch.cat(edge_system)),
+    ).squeeze(1)
+    vectors = positions[receiver] - positions[sender] + cell_shifts
     return (
         torch.cat(types),
         torch.cat(system_index),
         torch.cat(atom_index),
-        edge_index,
-        torch.cat(vectors),
+        torch.stack([sender, receiver]),
+        vectors,
     )

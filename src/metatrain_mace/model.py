@@ -413,12 +413,16 @@ class MetaMACE(ModelInterface[ModelHypers]):
         # metatensor (m = -l..l with z as polar axis)
         vectors = vectors[:, [1, 2, 0]]
         features = self._node_features(node_attrs, edge_index, vectors)
-        all_features = torch.cat(features, dim=-1)
-        scalar_features = all_features.index_select(1, self.scalar_index)
         samples = Labels(
             ["system", "atom"],
             torch.stack([system_index, atom_index], dim=1).to(torch.int32),
         )
+        # the concatenated features feed the heads and the "feature" output only
+        all_features = features[-1]
+        scalar_features = features[-1]
+        if "feature" in outputs or self._needs_heads(outputs):
+            all_features = torch.cat(features, dim=-1)
+            scalar_features = all_features.index_select(1, self.scalar_index)
 
         if "feature" in outputs:
             result["feature"] = self._features_map(
@@ -456,6 +460,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
         if not self.training:
             result = self._add_baselines(systems, outputs, result, selected_atoms)
         return result
+
+    def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
+        for name in self.heads.keys():
+            if name in outputs or last_layer_features_name(name) in outputs:
+                return True
+        return False
 
     def _add_baselines(
         self,

@@ -13,13 +13,11 @@ from metatrain.scaler import train_or_load_scaler
 from metatrain.utils.abc import TrainerInterface
 from metatrain.utils.additive import get_remove_additive_transform
 from metatrain.utils.data import (
-    CollateFn,
     CombinedDataLoader,
     Dataset,
     build_train_dataloaders,
     build_val_dataloaders,
     get_num_workers,
-    unpack_batch,
     validate_num_workers,
 )
 from metatrain.utils.evaluate_model import evaluate_model
@@ -38,6 +36,7 @@ from metatrain.utils.transfer import batch_to
 
 from metatrain_mace import checkpoints
 from metatrain_mace._version import __version__
+from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
 from metatrain_mace.model import MetaMACE
@@ -170,22 +169,25 @@ class Trainer(TrainerInterface[TrainerHypers]):
         model.scaler.scales_to(device=device, dtype=torch.float64)
 
         train_targets = model.dataset_info.targets
-        collate_fn = CollateFn(
-            target_keys=list(train_targets.keys()),
-            callables=[
-                get_system_with_neighbor_lists_transform(
-                    get_requested_neighbor_lists(model)
-                ),
-                get_remove_additive_transform(additive_models, train_targets),
-                get_remove_scale_transform(scaler),
-            ],
-        )
         if self.hypers["num_workers"] is None:
             num_workers = get_num_workers()
             logging.info(f"Using {num_workers} workers for data loading")
         else:
             num_workers = self.hypers["num_workers"]
             validate_num_workers(num_workers)
+        train_datasets, val_datasets, collate_fn = prepare_data(
+            train_datasets,
+            val_datasets,
+            transforms=[
+                get_system_with_neighbor_lists_transform(
+                    get_requested_neighbor_lists(model)
+                ),
+                get_remove_additive_transform(additive_models, train_targets),
+                get_remove_scale_transform(scaler),
+            ],
+            target_keys=list(train_targets.keys()),
+            num_workers=num_workers,
+        )
 
         train_loaders, epoch_samplers = build_train_dataloaders(
             train_datasets=train_datasets,
@@ -320,7 +322,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
         for batch in loader:
             if optimizer is not None:
                 optimizer.zero_grad()
-            systems, targets, extra_data = unpack_batch(batch)
+            systems, targets, extra_data = unpack(batch)
             systems, targets, extra_data = batch_to(
                 systems, targets, extra_data, dtype=dtype, device=device
             )

@@ -1,0 +1,136 @@
+"""Training data pipeline: per-structure preparation done once, light batching.
+
+metatrain's default pipeline re-computes, for every batch of every epoch, the
+neighbour lists, the composition baseline and the target scales, and then
+serialises the batch into one buffer (so that worker processes can send it).
+None of the three transforms changes during training (the baseline and the scaler
+are fitted before the first epoch), so for datasets that already live in memory
+:class:`PreparedDataset` applies them once per structure. When the data is loaded in
+the training process itself, :class:`JoinBatch` also skips the serialisation.
+Datasets read lazily from disk keep metatrain's per-batch transforms, so that
+nothing is loaded into memory that was not there before.
+"""
+
+import logging
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+from metatensor.learn.data import group_and_join
+from metatensor.torch import TensorMap
+from metatomic.torch import System
+from metatrain.utils.data import CollateFn, Dataset, unpack_batch
+
+
+Transform = Callable[
+    [List[System], Dict[str, TensorMap], Dict[str, TensorMap]],
+    Tuple[List[System], Dict[str, TensorMap], Dict[str, TensorMap]],
+]
+Batch = Tuple[List[System], Dict[str, TensorMap], Dict[str, TensorMap]]
+
+
+def is_in_memory(dataset: Any) -> bool:
+    """Whether ``dataset`` (or the dataset under its ``Subset`` wrappers) holds its
+    structures in memory (metatensor-learn's ``Dataset``, what metatrain builds
+    from ASE-readable files)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, Dataset)
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """The samples of ``dataset`` with ``transforms`` applied once to each.
+
+    :param dataset: an in-memory dataset (see :func:`is_in_memory`).
+    :param transforms: metatrain batch transforms (neighbour lists, removal of the
+        baseline and of the scales), applied here to one structure at a time.
+    :param target_keys: names of the sample fields that are targets; the other
+        fields (except ``system``) are extra data.
+    :param name: what to call the dataset in the progress log.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        transforms: Sequence[Transform],
+        target_keys: Sequence[str],
+        name: str,
+    ) -> None:
+        self.samples: List[Any] = []
+        target_keys = set(target_keys)
+        step = max(len(dataset) // 10, 1000)
+        for index in range(len(dataset)):
+            sample = dataset[index]
+            fields = sample._asdict()
+            systems = [fields["system"]]
+            targets = {k: v for k, v in fields.items() if k in target_keys}
+            extra = {
+                k: v for k, v in fields.items() if k != "system" and k not in targets
+            }
+            for transform in transforms:
+                systems, targets, extra = transform(systems, targets, extra)
+            fields.update(targets)
+            fields.update(extra)
+            fields["system"] = systems[0]
+            self.samples.append(sample._make(fields.values()))
+            if (index + 1) % step == 0:
+                logging.info(f"Prepared {index + 1}/{len(dataset)} {name} structures")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.samples[index]
+
+    def get_num_atoms(self, index: int) -> int:
+        """Atoms in structure ``index`` (used by metatrain's atom-count sampler)."""
+        return len(self.samples[index].system)
+
+
+class JoinBatch:
+    """Collate function for data loaded in the training process: joins the samples
+    of a batch and returns ``(systems, targets, extra_data)`` directly."""
+
+    def __init__(self, target_keys: Sequence[str]) -> None:
+        self.target_keys = set(target_keys)
+
+    def __call__(self, batch: List[Any]) -> Batch:
+        data = group_and_join(batch, join_kwargs={"different_keys": "union"})._asdict()
+        systems = list(data.pop("system"))
+        targets = {k: v for k, v in data.items() if k in self.target_keys}
+        extra = {k: v for k, v in data.items() if k not in self.target_keys}
+        return systems, targets, extra
+
+
+def unpack(batch: Any) -> Batch:
+    """``(systems, targets, extra_data)`` of a batch from either collate function."""
+    if len(batch) == 3:
+        return batch
+    return unpack_batch(batch)
+
+
+def prepare_data(
+    train_datasets: List[Any],
+    val_datasets: List[Any],
+    transforms: List[Transform],
+    target_keys: List[str],
+    num_workers: int,
+) -> Tuple[List[Any], List[Any], Callable]:
+    """Datasets and collate function for training, see the module docstring."""
+    if not all(is_in_memory(d) for d in train_datasets + val_datasets):
+        logging.info("Datasets are read from disk: preparing structures per batch")
+        return (
+            train_datasets,
+            val_datasets,
+            CollateFn(target_keys=target_keys, callables=transforms),
+        )
+
+    logging.info("Preparing the structures (neighbour lists, baselines, scales)")
+    train = [
+        PreparedDataset(d, transforms, target_keys, "training") for d in train_datasets
+    ]
+    val = [
+        PreparedDataset(d, transforms, target_keys, "validation") for d in val_datasets
+    ]
+    if num_workers == 0:
+        return train, val, JoinBatch(target_keys)
+    return train, val, CollateFn(target_keys=target_keys, callables=[])
