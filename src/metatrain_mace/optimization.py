@@ -46,12 +46,18 @@ def parameter_groups(
 def build_optimizer(
     model: torch.nn.Module, hypers: TrainerHypers
 ) -> torch.optim.Optimizer:
-    """Adam or AdamW (with amsgrad) over :func:`parameter_groups`."""
+    """Adam or AdamW (with amsgrad) over :func:`parameter_groups`.
+
+    torch's fused implementation updates all parameters in one kernel (on CPU and
+    CUDA); it computes the same update as the per-parameter loop, several times
+    faster for MACE's many small parameter tensors.
+    """
     groups = parameter_groups(model, hypers["weight_decay"])
     kwargs = {
         "lr": hypers["learning_rate"],
         "amsgrad": hypers["amsgrad"],
         "betas": (hypers["beta"], 0.999),
+        "fused": True,
     }
     if hypers["optimizer"] == "adamw":
         return torch.optim.AdamW(groups, **kwargs)
