@@ -243,6 +243,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
             not_per_atom=not_per_atom,
             dtype=dtype,
             device=device,
+            scale_properties=any(
+                len(info.layout.keys) > 1 or len(info.layout.block(0).properties) > 1
+                for info in train_targets.values()
+            ),
         )
         model.train()
         logging.info("Starting training")
@@ -311,10 +315,14 @@ class Trainer(TrainerInterface[TrainerHypers]):
         not_per_atom: List[str],
         dtype: torch.dtype,
         device: torch.device,
+        scale_properties: bool,
         optimizer: Optional[torch.optim.Optimizer],
         with_metrics: bool,
     ) -> tuple:
-        """One pass over ``loader``; trains when ``optimizer`` is given."""
+        """One pass over ``loader``; trains when ``optimizer`` is given.
+
+        ``scale_properties``: whether a target has several properties or blocks, the
+        only ones with per-property scales (they are 1 for all other targets)."""
         separate = self.hypers["log_separate_blocks"]
         rmse = RMSEAccumulator(separate)
         mae = MAEAccumulator(separate) if self.hypers["log_mae"] else None
@@ -334,13 +342,14 @@ class Trainer(TrainerInterface[TrainerHypers]):
             )
             predictions = average_by_num_atoms(predictions, systems, per_structure)
             targets = average_by_num_atoms(targets, systems, per_structure)
-            predictions = model.scaler.apply_scales(
-                systems,
-                predictions,
-                remove=False,
-                use_per_target_scales=False,
-                use_per_property_scales=True,
-            )
+            if scale_properties:
+                predictions = model.scaler.apply_scales(
+                    systems,
+                    predictions,
+                    remove=False,
+                    use_per_target_scales=False,
+                    use_per_property_scales=True,
+                )
             loss = loss_fn(predictions, targets, extra_data)
             if optimizer is not None:
                 loss.backward()
