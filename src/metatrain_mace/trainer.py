@@ -359,20 +359,16 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 optimizer.step()
             total_loss += loss.item()
             if with_metrics:
-                scaled_predictions = model.scaler.apply_scales(
+                # metrics in the units of the targets
+                in_target_units = functools.partial(
+                    model.scaler.apply_scales,
                     systems,
-                    predictions,
                     remove=False,
                     use_per_target_scales=True,
                     use_per_property_scales=False,
                 )
-                scaled_targets = model.scaler.apply_scales(
-                    systems,
-                    targets,
-                    remove=False,
-                    use_per_target_scales=True,
-                    use_per_property_scales=False,
-                )
+                scaled_predictions = in_target_units(predictions)
+                scaled_targets = in_target_units(targets)
                 rmse.update(scaled_predictions, scaled_targets, extra_data)
                 if mae is not None:
                     mae.update(scaled_predictions, scaled_targets, extra_data)
