@@ -618,6 +618,13 @@ def main() -> int:
             f"ratio ours / MACE = {ratio:.2f} "
             f"({'target <= 1.0 met' if ratio <= 1.0 else 'target <= 1.0 NOT met'})"
         )
+        pairs = [
+            (median_after_first(o.epochs), median_after_first(m.epochs))
+            for o, m in zip(results["ours"], results["mace"], strict=False)
+        ]
+        per_repeat = [f"{o / m:.3f}" for o, m in pairs if o and m]
+        if per_repeat:
+            print(f"ratio of every repeat (median epochs): {' '.join(per_repeat)}")
         ours_cpu = pooled_median(results["ours"], cpu=True)
         mace_cpu = pooled_median(results["mace"], cpu=True)
         if ours_cpu and mace_cpu:
