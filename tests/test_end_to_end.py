@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ase.io
+import numpy as np
 import pytest
 import torch
 import yaml
+from metatomic_ase import MetatomicCalculator
 from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_mace
@@ -110,6 +113,27 @@ def test_train_eval_restart(workdir: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "energy RMSE" in result.stdout + result.stderr
     assert (workdir / "out.xyz").exists()
+
+    # the stock export command on the checkpoint gives the model that training
+    # exported: same energies, forces and stress through metatomic's ASE calculator
+    result = mtt("export", "model.ckpt", "-o", "exported.pt", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = MetatomicCalculator(str(workdir / "model.pt"), extensions_directory=None)
+    exported = MetatomicCalculator(
+        str(workdir / "exported.pt"), extensions_directory=None
+    )
+    for atoms in ase.io.read(workdir / "alloy.xyz", ":3"):
+        atoms.calc = trained
+        energy, forces, stress = (
+            atoms.get_potential_energy(),
+            atoms.get_forces(),
+            atoms.get_stress(),
+        )
+        atoms.calc = exported
+        assert atoms.get_potential_energy() == pytest.approx(energy, abs=1e-10)
+        np.testing.assert_allclose(atoms.get_forces(), forces, atol=1e-10, rtol=0)
+        np.testing.assert_allclose(atoms.get_stress(), stress, atol=1e-10, rtol=0)
+        assert np.abs(forces).max() > 1e-3  # a trained model, not zeros
 
     # restart: continue at epoch 2 with the optimizer and scheduler state
     config = options("alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5)
