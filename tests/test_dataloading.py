@@ -145,3 +145,42 @@ def test_prepare_data_dispatch(setup) -> None:
     )
     assert train[0] is lazy and val[0] is subset
     assert isinstance(collate, CollateFn) and collate.callables == transforms
+
+
+def test_join_samples_with_different_blocks() -> None:
+    """Samples of one target with different blocks are joined as a union."""
+    from metatensor.learn.data import Dataset
+    from metatensor.torch import Labels, TensorBlock, TensorMap
+    from metatomic.torch import System
+
+    def sample_map(index: int, key: int) -> TensorMap:
+        block = TensorBlock(
+            values=torch.full((1, 1), float(index), dtype=torch.float64),
+            samples=Labels(["system"], torch.tensor([[index]])),
+            components=[],
+            properties=Labels(["p"], torch.tensor([[0]])),
+        )
+        return TensorMap(Labels(["k"], torch.tensor([[key]])), [block])
+
+    system = System(
+        types=torch.tensor([1]),
+        positions=torch.zeros((1, 3), dtype=torch.float64),
+        cell=torch.zeros((3, 3), dtype=torch.float64),
+        pbc=torch.tensor([False, False, False]),
+    )
+    dataset = Dataset.from_dict(
+        {
+            "system": [system] * 3,
+            "t": [sample_map(0, 0), sample_map(1, 1), sample_map(2, 0)],
+        }
+    )
+    systems, targets, extra = JoinBatch(["t"])([dataset[i] for i in range(3)])
+    assert len(systems) == 3 and extra == {}
+    joined = targets["t"]
+    assert joined.keys.values.flatten().tolist() == [0, 1]
+    assert joined.block({"k": 0}).values.flatten().tolist() == [0.0, 2.0]
+    assert joined.block({"k": 1}).values.flatten().tolist() == [1.0]
+    # same keys everywhere: the fast join gives metatrain's union join
+    same = [dataset[0], dataset[2]]
+    reference = CollateFn(target_keys=["t"], callables=[])(same)
+    assert mts.equal(JoinBatch(["t"])(same)[1]["t"], unpack(reference)[1]["t"])

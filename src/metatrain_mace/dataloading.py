@@ -94,7 +94,21 @@ class JoinBatch:
         self.target_keys = set(target_keys)
 
     def __call__(self, batch: List[Any]) -> Batch:
-        data = group_and_join(batch, join_kwargs={"different_keys": "union"})._asdict()
+        # joining maps with the same blocks is twice as fast as taking their union;
+        # only some targets (atomic-basis ones) have different blocks per sample
+        tensor_fields = [
+            i
+            for i, value in enumerate(batch[0])
+            if isinstance(value, torch.ScriptObject)
+            and value._type().name() == "TensorMap"
+        ]
+        same_keys = all(
+            sample[i].keys == batch[0][i].keys
+            for sample in batch[1:]
+            for i in tensor_fields
+        )
+        join_kwargs = {"different_keys": "error" if same_keys else "union"}
+        data = group_and_join(batch, join_kwargs=join_kwargs)._asdict()
         systems = list(data.pop("system"))
         targets = {k: v for k, v in data.items() if k in self.target_keys}
         extra = {k: v for k, v in data.items() if k not in self.target_keys}

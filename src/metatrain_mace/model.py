@@ -416,6 +416,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         samples = Labels(
             ["system", "atom"],
             torch.stack([system_index, atom_index], dim=1).to(torch.int32),
+            assume_unique=True,
         )
         # the concatenated features feed the heads and the "feature" output only
         all_features = features[-1]
