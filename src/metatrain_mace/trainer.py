@@ -243,9 +243,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
             not_per_atom=not_per_atom,
             dtype=dtype,
             device=device,
+            # the scaler's own list of targets that have per-property scales
             scale_properties=any(
-                len(info.layout.keys) > 1 or len(info.layout.block(0).properties) > 1
-                for info in train_targets.values()
+                name in model.scaler.model.multi_property_target_names
+                for name in train_targets
             ),
         )
         model.train()
@@ -321,8 +322,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
     ) -> tuple:
         """One pass over ``loader``; trains when ``optimizer`` is given.
 
-        ``scale_properties``: whether a target has several properties or blocks, the
-        only ones with per-property scales (they are 1 for all other targets)."""
+        ``scale_properties``: whether a target has per-property scales (those with
+        several properties or blocks; the scales of all others are 1)."""
         separate = self.hypers["log_separate_blocks"]
         rmse = RMSEAccumulator(separate)
         mae = MAEAccumulator(separate) if self.hypers["log_mae"] else None
