@@ -24,6 +24,10 @@ def __getattr__(name: str) -> Any:
         from metatrain_mace.trainer import Trainer
 
         return Trainer
+    if name == "export_mace_model":
+        from metatrain_mace.export import export_mace_model
+
+        return export_mace_model
     if name == "__capabilities__":
         from metatrain_mace.model import MetaMACE
 
@@ -48,4 +52,4 @@ def register(force: bool = True) -> bool:
     return metatrain_mace_hook.install(force=force)
 
 
-__all__ = ["MetaMACE", "Trainer", "__version__", "register"]
+__all__ = ["MetaMACE", "Trainer", "__version__", "export_mace_model", "register"]

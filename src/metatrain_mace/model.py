@@ -24,7 +24,7 @@ from metatrain.utils.hypers import raise_if_hypers_mismatch
 from metatrain.utils.metadata import merge_metadata
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
-from metatrain_mace import checkpoints
+from metatrain_mace import checkpoints, foundation
 from metatrain_mace._version import __version__
 from metatrain_mace.batching import systems_to_graph
 from metatrain_mace.builder import (
@@ -79,34 +79,63 @@ class MetaMACE(ModelInterface[ModelHypers]):
     component_labels: Dict[str, List[List[Labels]]]
     property_labels: Dict[str, List[Labels]]
 
-    def __init__(self, hypers: ModelHypers, dataset_info: DatasetInfo) -> None:
+    def __init__(
+        self,
+        hypers: ModelHypers,
+        dataset_info: DatasetInfo,
+        mace: Optional[torch.nn.Module] = None,
+    ) -> None:
+        """
+        :param mace: the MACE trunk of a model built from a MACE file, as stored in
+            its checkpoints (the file itself is then not read again).
+        """
         super().__init__(hypers, dataset_info, self.__default_metadata__)
-        self.atomic_types: List[int] = sorted(int(t) for t in dataset_info.atomic_types)
-        # built in float64 for accurate coefficients, then cast like every new module
-        self.mace = build_mace(dict(hypers), self.atomic_types).to(
-            torch.get_default_dtype()
-        )
-        self._init_common(dataset_info)
-
-    def _init_common(self, dataset_info: DatasetInfo) -> None:
-        """Everything that does not depend on where the MACE trunk came from."""
         self.mace_head_target: str = self.hypers["mace_head_target"]
-        self.head_index: int = 0
+        self.from_file = hypers["mace_model"] is not None
+        if self.from_file:
+            if mace is None:
+                mace = foundation.load_mace_file(hypers["mace_model"])
+                foundation.report_ignored_hypers(
+                    dict(hypers),
+                    get_default_hypers(ARCHITECTURE_NAME)["model"],
+                    mace,
+                )
+            # kept in the file's dtype: casting a float64 file down here and back up
+            # later would lose its precision
+            self.mace = mace
+            self.head_index: int = foundation.select_head(
+                mace, hypers["mace_head_name"]
+            )
+            foundation.check_dataset(
+                mace, dataset_info, hypers["mace_model"], self.mace_head_target
+            )
+            # the model keeps every element of the file, not only the dataset's
+            self.atomic_types: List[int] = sorted(foundation.atomic_numbers(mace))
+            avg_num_neighbors = float(mace.interactions[0].avg_num_neighbors)
+        else:
+            self.atomic_types = sorted(int(t) for t in dataset_info.atomic_types)
+            # built in float64 for accurate coefficients, then cast like every new
+            # module
+            self.mace = build_mace(dict(hypers), self.atomic_types).to(
+                torch.get_default_dtype()
+            )
+            self.head_index = 0
+            avg = self.hypers["avg_num_neighbors"]
+            avg_num_neighbors = 0.0 if avg is None else float(avg)
+
         self.r_max = float(self.mace.r_max)
         self.num_interactions = int(self.mace.num_interactions)
         self.nl_options = NeighborListOptions(
             cutoff=self.r_max, full_list=True, strict=True
         )
 
+        # one-hot positions follow the order of MACE's own element table
         type_to_index = torch.full((max(self.atomic_types) + 1,), -1)
-        for index, atomic_type in enumerate(self.atomic_types):
+        for index, atomic_type in enumerate(foundation.atomic_numbers(self.mace)):
             type_to_index[atomic_type] = index
         self.register_buffer("type_to_index", type_to_index, persistent=False)
-
-        avg = self.hypers["avg_num_neighbors"]
         self.register_buffer(
-            "avg_num_neighbors",
-            torch.tensor(0.0 if avg is None else float(avg), dtype=torch.float64),
+            "avg_num_neighbors", torch.tensor(avg_num_neighbors, dtype=torch.float64)
         )
 
         self.feature_irreps = node_feature_irreps(self.mace)
@@ -152,6 +181,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     # ------------------------------------------------------------------ targets
     def _add_output(self, name: str, info: TargetInfo) -> None:
+        """Add the head (or MACE readout) and the outputs of one target."""
         check_target(name, info, self.feature_irreps)
         if name == self.mace_head_target:
             block = info.layout.block()
@@ -208,6 +238,10 @@ class MetaMACE(ModelInterface[ModelHypers]):
     def restart(
         self, dataset_info: DatasetInfo, model_hypers: Optional[Dict[str, Any]] = None
     ) -> "MetaMACE":
+        if self.from_file:
+            foundation.check_dataset(
+                self.mace, dataset_info, self.hypers["mace_model"], None
+            )
         if model_hypers is not None:
             raise_if_hypers_mismatch(
                 self.hypers,
@@ -519,6 +553,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
             "model_data": {
                 "model_hypers": self.hypers,
                 "dataset_info": self.dataset_info,
+                # a trunk loaded from a MACE file travels with the checkpoint, so
+                # that the file is not needed any more
+                "mace_trunk": self.mace if self.from_file else None,
             },
             "epoch": None,
             "best_epoch": None,
@@ -545,7 +582,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
             raise ValueError(f"unknown checkpoint loading context {context!r}")
 
         model_data = checkpoint["model_data"]
-        model = cls(model_data["model_hypers"], model_data["dataset_info"])
+        model = cls(
+            model_data["model_hypers"],
+            model_data["dataset_info"],
+            mace=model_data.get("mace_trunk"),
+        )
         dtype = state_dict["avg_num_neighbors"].dtype
         model.to(dtype).load_state_dict(state_dict)
         if float(model.avg_num_neighbors) > 0:

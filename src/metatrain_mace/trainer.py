@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union, cast
 
 import torch
-from metatrain.composition import train_or_load_composition_model
-from metatrain.scaler import train_or_load_scaler
 from metatrain.utils.abc import TrainerInterface
 from metatrain.utils.additive import get_remove_additive_transform
 from metatrain.utils.data import (
@@ -36,6 +34,7 @@ from metatrain.utils.transfer import batch_to
 
 from metatrain_mace import checkpoints
 from metatrain_mace._version import __version__
+from metatrain_mace.baselines import fit_baselines
 from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
@@ -111,7 +110,9 @@ class Trainer(TrainerInterface[TrainerHypers]):
         if self.hypers["finetune"]["read_from"] is not None:
             model = apply_finetuning(model, self.hypers["finetune"])
 
-        if model.hypers["avg_num_neighbors"] is None and self.epoch is None:
+        if model.from_file:
+            pass  # the MACE file's own normalisation is part of the model
+        elif model.hypers["avg_num_neighbors"] is None and self.epoch is None:
             if float(model.avg_num_neighbors) <= 0:
                 logging.info("Computing the average number of neighbours")
                 avg = average_num_neighbors(model, train_datasets)
@@ -126,35 +127,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             additive_model.to(dtype=torch.float64)
         model.scaler.to(dtype=torch.float64)
 
-        logging.info("Fitting the composition baseline")
-        train_or_load_composition_model(
-            composition_model=model.additive_models[0],
-            atomic_baseline=self.hypers["atomic_baseline"],
-            train_datasets=train_datasets,
-            other_additive_models=list(model.additive_models[1:]),
-            batch_size=self.hypers["batch_size"],
-            is_distributed=False,
-            checkpoint_dir=checkpoint_dir,
-        )
-        if self.hypers["scale_targets"]:
-            logging.info("Fitting the target scales")
-            if isinstance(self.hypers["fixed_scaling_weights"], str) and not isinstance(
-                self.hypers["atomic_baseline"], str
-            ):
-                raise ValueError(
-                    "a scaler checkpoint in 'fixed_scaling_weights' needs a "
-                    "composition checkpoint in 'atomic_baseline' too"
-                )
-            train_or_load_scaler(
-                scaler=model.scaler,
-                fixed_weights=self.hypers["fixed_scaling_weights"],
-                train_datasets=train_datasets,
-                additive_models=model.additive_models,
-                batch_size=self.hypers["batch_size"],
-                is_distributed=False,
-                checkpoint_dir=checkpoint_dir,
-                per_structure_targets=self.hypers["per_structure_targets"],
-            )
+        fit_baselines(model, self.hypers, train_datasets, checkpoint_dir)
 
         # CPU float64 copies of the baselines, used by the collate functions
         model.additive_models[0].weights_to(device="cpu", dtype=torch.float64)

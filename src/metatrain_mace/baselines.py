@@ -1,0 +1,102 @@
+"""Composition baseline and target scales, fitted from data or taken from a MACE file.
+
+metatrain adds a per-element composition baseline and multiplies by a target scale
+outside the network. For a model loaded from a MACE file, the file's isolated-atom
+energies plus its shift become the composition weights of ``mace_head_target`` and
+its scale becomes that target's scale, so the wrapped model reproduces MACE's energy
+exactly. Values the user gives in ``atomic_baseline`` / ``fixed_scaling_weights``
+win over the file's.
+"""
+
+import logging
+from typing import Any, Dict, List, Union
+
+from metatrain.composition import train_or_load_composition_model
+from metatrain.scaler import train_or_load_scaler
+
+from metatrain_mace.foundation import energy_baseline
+
+
+FixedWeights = Union[str, Dict[str, Any]]
+
+
+def fixed_weights_from_file(
+    model: Any, atomic_baseline: FixedWeights, scaling_weights: FixedWeights
+) -> "tuple[FixedWeights, FixedWeights]":
+    """Merge the MACE file's E0s, shift and scale into the user's fixed weights.
+
+    A user-given float for the head target replaces the file's E0s; a user-given
+    dict of per-type values replaces them type by type. A path to a metatrain
+    checkpoint (a string) is left untouched.
+    """
+    target = model.mace_head_target
+    if not model.from_file or target not in model.dataset_info.targets:
+        return atomic_baseline, scaling_weights
+    offsets, scale = energy_baseline(model.mace, model.head_index)
+    if not isinstance(atomic_baseline, str):
+        user = atomic_baseline.get(target)
+        if isinstance(user, dict):
+            merged: Any = {**offsets, **{int(k): float(v) for k, v in user.items()}}
+        elif user is not None:
+            merged = float(user)
+        else:
+            merged = offsets
+        atomic_baseline = {**atomic_baseline, target: merged}
+    if not isinstance(scaling_weights, str):
+        scaling_weights = {target: scale, **scaling_weights}
+    return atomic_baseline, scaling_weights
+
+
+def fit_baselines(
+    model: Any,
+    hypers: Dict[str, Any],
+    train_datasets: List[Any],
+    checkpoint_dir: str,
+) -> None:
+    """Fit (or fix) the composition baseline and the scaler of ``model``.
+
+    :param model: a :class:`metatrain_mace.model.MetaMACE`.
+    :param hypers: trainer hyperparameters (``atomic_baseline``,
+        ``fixed_scaling_weights``, ``scale_targets``, ``batch_size``,
+        ``per_structure_targets``).
+    :param train_datasets: the training sets; may be empty when every weight is
+        fixed (direct export of a MACE file).
+    :param checkpoint_dir: where metatrain may write the baselines' checkpoints.
+    """
+    atomic_baseline, scaling_weights = fixed_weights_from_file(
+        model, hypers["atomic_baseline"], hypers["fixed_scaling_weights"]
+    )
+    logging.info("Fitting the composition baseline")
+    train_or_load_composition_model(
+        composition_model=model.additive_models[0],
+        atomic_baseline=atomic_baseline,
+        train_datasets=train_datasets,
+        other_additive_models=list(model.additive_models[1:]),
+        batch_size=hypers["batch_size"],
+        is_distributed=False,
+        checkpoint_dir=checkpoint_dir,
+    )
+    if not hypers["scale_targets"]:
+        if not model.from_file:
+            return
+        # the file's scale is part of the model, not a fit to the data
+        scaling_weights = {
+            name: scaling_weights.get(name, 1.0)
+            for name in model.scaler.model.target_names
+        }
+    if isinstance(scaling_weights, str) and not isinstance(atomic_baseline, str):
+        raise ValueError(
+            "a scaler checkpoint in 'fixed_scaling_weights' needs a composition "
+            "checkpoint in 'atomic_baseline' too"
+        )
+    logging.info("Fitting the target scales")
+    train_or_load_scaler(
+        scaler=model.scaler,
+        fixed_weights=scaling_weights,
+        train_datasets=train_datasets,
+        additive_models=model.additive_models,
+        batch_size=hypers["batch_size"],
+        is_distributed=False,
+        checkpoint_dir=checkpoint_dir,
+        per_structure_targets=hypers["per_structure_targets"],
+    )

@@ -1,0 +1,86 @@
+"""Export a MACE model file directly as a metatomic model (no dataset, no training).
+
+The result behaves exactly like the model ``mtt train`` writes with ``num_epochs: 0``
+and the file as ``mace_model``: the same trunk, the file's E0s, shift and scale as
+composition baseline and scaler, and every element the file knows.
+"""
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from metatomic.torch import AtomisticModel, ModelMetadata
+from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.data import DatasetInfo
+from metatrain.utils.data.target_info import get_energy_target_info
+from omegaconf import OmegaConf
+
+from metatrain_mace.baselines import fit_baselines
+from metatrain_mace.foundation import atomic_numbers, load_mace_file
+from metatrain_mace.model import ARCHITECTURE_NAME, MetaMACE
+
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def mace_file_to_model(
+    path: str,
+    head: Optional[str] = None,
+    dtype: str = "float64",
+    energy_unit: str = "eV",
+    length_unit: str = "angstrom",
+) -> MetaMACE:
+    """A :class:`MetaMACE` predicting the energy of one head of a MACE model file.
+
+    :param path: the MACE model file (a pickle: only trusted files).
+    :param head: head of a multi-head file; ``None`` for single-head files.
+    :param dtype: ``"float64"`` or ``"float32"``.
+    :param energy_unit: unit of the file's energies (mace-torch works in eV).
+    :param length_unit: unit of the file's lengths (mace-torch works in Å).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    mace = load_mace_file(path)
+    hypers = get_default_hypers(ARCHITECTURE_NAME)
+    hypers["model"].update({"mace_model": str(path), "mace_head_name": head})
+    energy = get_energy_target_info(
+        "energy",
+        OmegaConf.create({"quantity": "energy", "unit": energy_unit}),
+        add_position_gradients=True,
+        add_strain_gradients=True,
+    )
+    dataset_info = DatasetInfo(
+        length_unit=length_unit,
+        atomic_types=atomic_numbers(mace),
+        targets={hypers["model"]["mace_head_target"]: energy},
+    )
+    model = MetaMACE(hypers["model"], dataset_info, mace=mace)
+    model.to(DTYPES[dtype])
+    training = dict(hypers["training"])
+    training["batch_size"] = 1
+    fit_baselines(model, training, train_datasets=[], checkpoint_dir="")
+    return model.eval()
+
+
+def export_mace_model(
+    path: str,
+    output: Optional[str] = None,
+    head: Optional[str] = None,
+    dtype: str = "float64",
+    metadata: Optional[ModelMetadata] = None,
+) -> AtomisticModel:
+    """Export a MACE model file as a metatomic model, and save it to ``output``.
+
+    :param path: the MACE model file (a pickle: only trusted files).
+    :param output: where to save the TorchScript model (``.pt``); ``None`` only
+        returns it.
+    :param head: head of a multi-head file; ``None`` for single-head files.
+    :param dtype: ``"float64"`` or ``"float32"``.
+    :param metadata: metadata of the exported model.
+    :return: the exported model.
+    """
+    exported = mace_file_to_model(path, head=head, dtype=dtype).export(metadata)
+    if output is not None:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        exported.save(str(output))
+    return exported

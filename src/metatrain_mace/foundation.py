@@ -1,0 +1,225 @@
+"""MACE model files (pretrained and foundation models) as the trunk of the model.
+
+A MACE model file is a whole ``torch.nn.Module`` pickled by mace-torch
+(``torch.save(model)``): a ``MACE`` or ``ScaleShiftMACE``, with one or several heads,
+maybe with ZBL pair repulsion. Loading one executes the code stored in the pickle,
+so only the file the user named in ``mace_model`` (or on the command line) is ever
+loaded. The MACE module becomes the trunk as it is; its isolated-atom energies (E0s)
+and its scale and shift become metatrain's composition baseline and scaler weights,
+so that the wrapped model reproduces MACE's energies.
+"""
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from metatrain_mace.mace_import import mace_modules, o3
+
+
+# model hyperparameters that describe the MACE architecture: a MACE file fixes them
+ARCHITECTURE_HYPERS = [
+    "r_max",
+    "num_radial_basis",
+    "radial_type",
+    "num_cutoff_basis",
+    "max_ell",
+    "interaction",
+    "interaction_first",
+    "num_interactions",
+    "hidden_irreps",
+    "edge_irreps",
+    "apply_cutoff",
+    "avg_num_neighbors",
+    "pair_repulsion",
+    "distance_transform",
+    "correlation",
+    "gate",
+    "MLP_irreps",
+    "radial_MLP",
+    "use_embedding_readout",
+    "use_last_readout_only",
+    "use_agnostic_product",
+]
+
+
+def load_mace_file(path: str) -> torch.nn.Module:
+    """Load a whole pickled MACE module (float32 or float64) on the CPU.
+
+    :param path: the MACE model file named by the user.
+    :raises FileNotFoundError: when there is no such file.
+    :raises ValueError: when the file does not hold a MACE model.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"MACE model file {str(path)!r} does not exist (from 'mace_model'); give "
+            "the path of a model file written by mace-torch, e.g. "
+            "'mace-mp-0-medium.model'"
+        )
+    logging.info(
+        f"Loading the MACE model file {str(file)!r} (a pickle: only load files you "
+        "trust)"
+    )
+    try:
+        # a whole pickled module cannot be loaded with weights_only=True; this is the
+        # one file the user asked for
+        loaded = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"{str(path)!r} is not a MACE model file: torch.load failed with "
+            f"{type(err).__name__}: {err}. 'mace_model' needs a whole MACE model "
+            "saved by mace-torch (torch.save(model))."
+        ) from err
+    if isinstance(loaded, dict):
+        keys = list(loaded.keys())[:5]
+        raise ValueError(
+            f"{str(path)!r} holds a dict (keys {keys}...), such as a state dict or a "
+            "checkpoint, not a MACE model. 'mace_model' needs a whole MACE model "
+            "saved with torch.save(model); to continue from a metatrain checkpoint "
+            "use 'finetune: read_from' or 'mtt train --restart' instead."
+        )
+    if not isinstance(loaded, mace_modules.MACE):
+        raise ValueError(
+            f"{str(path)!r} holds a {type(loaded).__module__}."
+            f"{type(loaded).__qualname__}, not a MACE model "
+            "(mace.modules.MACE or ScaleShiftMACE). 'mace_model' needs a model file "
+            "written by mace-torch."
+        )
+    if hasattr(loaded, "joint_embedding"):
+        raise ValueError(
+            f"{str(path)!r} is a MACE model with joint (charge/spin) embeddings, "
+            "which need per-structure inputs metatomic does not provide; "
+            "metatrain-mace cannot use it"
+        )
+    return loaded.eval()
+
+
+def head_names(mace: torch.nn.Module) -> List[str]:
+    """Names of the heads of a MACE model (``["Default"]`` for single-head files)."""
+    heads = getattr(mace, "heads", None)
+    if heads is None:
+        return ["Default"]
+    return [str(head) for head in heads]
+
+
+def select_head(mace: torch.nn.Module, head_name: Optional[str]) -> int:
+    """Index of the head named ``head_name`` (``None`` only for single-head files)."""
+    names = head_names(mace)
+    if head_name is None:
+        if len(names) == 1:
+            return 0
+        raise ValueError(
+            f"the MACE model has several heads {names}: choose one with "
+            "'mace_head_name' (or --head)"
+        )
+    if head_name not in names:
+        raise ValueError(
+            f"'mace_head_name' is {head_name!r}, but the MACE model has the heads "
+            f"{names}"
+        )
+    return names.index(head_name)
+
+
+def atomic_numbers(mace: torch.nn.Module) -> List[int]:
+    """The elements a MACE model knows, in the order of its one-hot embedding."""
+    return [int(z) for z in mace.atomic_numbers]
+
+
+def energy_baseline(mace: torch.nn.Module, head: int) -> Tuple[Dict[int, float], float]:
+    """Per-element energy offsets and the energy scale of one head of a MACE model.
+
+    MACE's total energy is ``sum_i E0[Z_i] + scale * (readouts_i + pair_i) + shift``.
+    The offsets returned are ``E0[Z] + shift`` (metatrain's composition baseline)
+    and the scale is metatrain's scaler weight; plain ``MACE`` has scale 1, shift 0.
+    """
+    energies = torch.atleast_2d(
+        mace.atomic_energies_fn.atomic_energies.detach().to(torch.float64)
+    )
+    row = energies[head] if energies.shape[0] > head else energies[0]
+    scale, shift = 1.0, 0.0
+    if hasattr(mace, "scale_shift"):
+        scale = float(torch.atleast_1d(mace.scale_shift.scale)[head])
+        shift = float(torch.atleast_1d(mace.scale_shift.shift)[head])
+    offsets = {z: float(row[i]) + shift for i, z in enumerate(atomic_numbers(mace))}
+    return offsets, scale
+
+
+def file_hypers(mace: torch.nn.Module) -> Dict[str, Any]:
+    """The architecture hyperparameters that can be read back from a MACE model."""
+    product = mace.products[0]
+    return {
+        "r_max": float(mace.r_max),
+        "num_interactions": int(mace.num_interactions),
+        "num_radial_basis": int(mace.radial_embedding.out_dim),
+        "max_ell": int(o3.Irreps(mace.spherical_harmonics.irreps_out).lmax),
+        "hidden_irreps": str(o3.Irreps(product.linear.irreps_out)),
+        "correlation": int(product.symmetric_contractions.contractions[0].correlation),
+        "avg_num_neighbors": float(mace.interactions[0].avg_num_neighbors),
+        "pair_repulsion": hasattr(mace, "pair_repulsion_fn"),
+    }
+
+
+def report_ignored_hypers(
+    hypers: Dict[str, Any], defaults: Dict[str, Any], mace: torch.nn.Module
+) -> List[str]:
+    """Warn about architecture hyperparameters that a MACE file overrides.
+
+    The file decides the architecture: every architecture hyperparameter set to
+    something else than its default is ignored, and named in a warning (with the
+    file's value when it can be read back).
+
+    :return: the names of the ignored hyperparameters.
+    """
+    from_file = file_hypers(mace)
+    ignored: List[str] = []
+    for name in ARCHITECTURE_HYPERS:
+        if name not in hypers or hypers[name] == defaults.get(name):
+            continue
+        value = hypers[name]
+        if name == "hidden_irreps":
+            try:
+                value = str(o3.Irreps(value))
+            except (ValueError, AssertionError):
+                pass
+        if name in from_file and from_file[name] == value:
+            continue
+        ignored.append(name)
+        value = f" (the file has {from_file[name]!r})" if name in from_file else ""
+        logging.warning(
+            f"'{name}: {hypers[name]!r}' is ignored because 'mace_model' is set: the "
+            f"MACE model file fixes the architecture{value}"
+        )
+    return ignored
+
+
+def check_dataset(
+    mace: torch.nn.Module,
+    dataset_info: Any,
+    path: str,
+    head_target: Optional[str],
+) -> None:
+    """Refuse datasets the MACE file cannot describe, before any training.
+
+    :param mace: the loaded MACE model.
+    :param dataset_info: metatrain's ``DatasetInfo`` of the training data.
+    :param path: the file's path, for the messages.
+    :param head_target: the target MACE's readout predicts; it must be in the
+        dataset (``None`` skips this check).
+    """
+    known = set(atomic_numbers(mace))
+    unknown = sorted(int(t) for t in dataset_info.atomic_types if int(t) not in known)
+    if unknown:
+        raise ValueError(
+            f"the dataset contains atomic types {unknown} that the MACE model "
+            f"{str(path)!r} does not know (it knows {sorted(known)}); remove these "
+            "structures or use a model trained on these elements"
+        )
+    if head_target is not None and head_target not in dataset_info.targets:
+        raise ValueError(
+            f"'mace_head_target' is {head_target!r}, but the dataset has no such "
+            f"target (it has {sorted(dataset_info.targets)}). MACE's readout of "
+            f"{str(path)!r} predicts the energy: name the dataset's energy target "
+            "in 'mace_head_target'"
+        )

@@ -1,0 +1,80 @@
+"""Small MACE model files with random weights, built the way mace-torch saves them.
+
+Nothing can be downloaded in the tests, so these stand in for foundation models:
+several elements, ``ScaleShiftMACE`` or plain ``MACE``, one or several heads, with
+or without ZBL pair repulsion, written with ``torch.save(model)``.
+"""
+
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from e3nn import o3
+from mace import modules
+
+
+ELEMENTS = [1, 6, 8, 13, 29, 79]
+
+
+def build_mace_model(
+    scale_shift: bool = True,
+    heads: Optional[List[str]] = None,
+    pair_repulsion: bool = False,
+    atomic_numbers: Sequence[int] = ELEMENTS,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    r_max: float = 4.5,
+) -> torch.nn.Module:
+    """A small MACE model with random weights and non-trivial E0s, scale and shift."""
+    n_heads = 1 if heads is None else len(heads)
+    generator = np.random.default_rng(seed)
+    energies = generator.uniform(-5.0, -0.5, size=(n_heads, len(atomic_numbers)))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(seed)
+    try:
+        kwargs = dict(
+            r_max=r_max,
+            num_bessel=6,
+            num_polynomial_cutoff=5,
+            max_ell=2,
+            interaction_cls=modules.interaction_classes[
+                "RealAgnosticResidualInteractionBlock"
+            ],
+            interaction_cls_first=modules.interaction_classes[
+                "RealAgnosticResidualInteractionBlock"
+            ],
+            num_interactions=2,
+            num_elements=len(atomic_numbers),
+            hidden_irreps=o3.Irreps("8x0e + 8x1o"),
+            MLP_irreps=o3.Irreps("8x0e"),
+            atomic_energies=energies if heads is not None else energies[0],
+            avg_num_neighbors=6.5,
+            atomic_numbers=list(atomic_numbers),
+            correlation=2,
+            gate=torch.nn.functional.silu,
+            pair_repulsion=pair_repulsion,
+            radial_MLP=[16, 16],
+            heads=heads,
+        )
+        if scale_shift:
+            scale = [0.8 + 0.3 * i for i in range(n_heads)]
+            shift = [0.1 - 0.2 * i for i in range(n_heads)]
+            model = modules.ScaleShiftMACE(
+                atomic_inter_scale=scale if heads is not None else scale[0],
+                atomic_inter_shift=shift if heads is not None else shift[0],
+                **kwargs,
+            )
+        else:
+            model = modules.MACE(**kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+    # MACE's own random initialisation: weights of a realistic size
+    return model.to(dtype).eval()
+
+
+def save_mace_model(path: Path, **kwargs) -> Path:
+    """Build a model with :func:`build_mace_model` and ``torch.save`` it whole."""
+    torch.save(build_mace_model(**kwargs), path)
+    return path
