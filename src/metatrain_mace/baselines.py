@@ -90,6 +90,10 @@ def fit_baselines(
             "checkpoint in 'atomic_baseline' too"
         )
     logging.info("Fitting the target scales")
+    # after a restart with new targets, metatrain's scaler only describes the new
+    # ones, but its trainer looks up every target of the batches: describe all
+    scaler = model.scaler
+    scaler.target_infos = {**scaler.dataset_info.targets, **scaler.target_infos}
     train_or_load_scaler(
         scaler=model.scaler,
         fixed_weights=scaling_weights,
