@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
 
 from datasets import ALLOY_TARGETS
+from mace_files import save_mace_model
 from metatrain_mace import MetaMACE, Trainer, lora
 from metatrain_mace.finetuning import apply_finetuning
 from metatrain_mace.mace_import import o3
@@ -262,6 +263,41 @@ def test_errors(model) -> None:
         apply_finetuning(model, lora_strategy(ranks=3))
     # nothing was adapted by the failed attempts
     assert lora.adapters(model) == {}
+
+
+def test_lora_on_a_mace_file(frames, tmp_path: Path) -> None:
+    """A trunk read from a MACE file travels in the checkpoint with its adapters."""
+    hypers = get_default_hypers(NAME)["model"]
+    hypers["mace_model"] = str(
+        save_mace_model(tmp_path / "file.model", pair_repulsion=True)
+    )
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[29, 79],
+        targets={"energy": get_energy_target_info("energy", {"unit": "eV"})},
+    )
+    model = MetaMACE(hypers, info).eval()
+    systems = to_systems(model, frames)
+    before = model(systems, ENERGY)["energy"].block().values.detach()
+    apply_finetuning(
+        model,
+        lora_strategy(target_modules=["linear", "linear_*"], trainable_modules=[]),
+    )
+    # node embedding, 2 x (linear_up, linear), 2 products, 3 readout layers
+    assert len(lora.adapters(model)) == 10
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    ]
+    randomise_adapters(model, scale=0.3)
+    after = model(systems, ENERGY)["energy"].block().values.detach()
+    assert (after - before).abs().min() > 1e-4
+
+    torch.save(model.get_checkpoint(), tmp_path / "file.ckpt")
+    checkpoint = torch.load(tmp_path / "file.ckpt", weights_only=False)
+    loaded = MetaMACE.load_checkpoint(checkpoint, "export").eval()
+    assert sorted(lora.adapters(loaded)) == sorted(lora.adapters(model))
+    reloaded = loaded(systems, ENERGY)["energy"].block().values.detach()
+    assert (reloaded - after).abs().max() < 1e-10
 
 
 def base_checkpoint(path: Path, directory: Path) -> None:
