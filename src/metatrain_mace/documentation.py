@@ -100,6 +100,41 @@ class HeadsFinetuneHypers(TypedDict):
     """Initialise the head of a new target (key) from an existing one (value)."""
 
 
+class LoRAFinetuneConfig(TypedDict):
+    """Where the low-rank adapters go with ``method: lora``, and their size."""
+
+    rank: int
+    """Rank of the adapters (an integer >= 1): every adapted ``o3.Linear`` gets
+    ``rank`` copies of each irrep it connects in its bottleneck; a
+    ``torch.nn.Linear`` gets the usual rank-``rank`` update."""
+    alpha: float
+    """The adapters' update is scaled by ``alpha / rank``."""
+    target_modules: NotRequired[list[str]]
+    """Glob patterns of the names of the linear layers to adapt, matched against
+    the whole module name or its last components (``linear`` matches
+    ``mace.products.0.linear``). Only e3nn ``o3.Linear`` and ``torch.nn.Linear``
+    layers are adapted, and every pattern must match one. Default:
+    ``["mace.interactions.*.linear", "mace.products.*.linear"]``."""
+    trainable_modules: NotRequired[list[str]]
+    """Module name prefixes whose parameters train together with the adapters
+    (everything else is frozen). Default: ``["heads"]``, the heads of the targets
+    other than ``mace_head_target``; add ``mace.readouts`` to train MACE's own
+    energy readout as well, or give ``[]`` to train only the adapters."""
+
+
+class LoRAFinetuneHypers(TypedDict):
+    """Train equivariant low-rank adapters (LoRA) on the frozen MACE trunk."""
+
+    method: Literal["lora"] = "lora"
+    """Fine-tuning method."""
+    read_from: str
+    """Path to the checkpoint to start from."""
+    config: LoRAFinetuneConfig
+    """Rank, scaling and placement of the adapters."""
+    inherit_heads: Dict[str, str] = {}
+    """Initialise the head of a new target (key) from an existing one (value)."""
+
+
 class ModelHypers(TypedDict):
     """Hyperparameters of the MACE model and of the heads added on top of it."""
 
@@ -240,11 +275,14 @@ class TrainerHypers(TypedDict):
     """Loss of every target and gradient: a name (``mse``, ``mae``, ``huber``...)
     for all, or one entry per target with ``weight`` and per-gradient
     (``forces``, ``stress``, ``virial``) settings."""
-    finetune: Union[NoFinetuneHypers, FullFinetuneHypers, HeadsFinetuneHypers] = {
+    finetune: Union[
+        NoFinetuneHypers, FullFinetuneHypers, HeadsFinetuneHypers, LoRAFinetuneHypers
+    ] = {
         "read_from": None,
         "method": "full",
         "config": {},
         "inherit_heads": {},
     }
     """Fine-tuning of a trained checkpoint: ``full`` trains everything, ``heads``
-    trains only the heads and chosen last layers."""
+    trains only the heads and chosen last layers, ``lora`` trains equivariant
+    low-rank adapters on chosen linear layers (and the heads)."""

@@ -5,6 +5,8 @@ from typing import Any, Dict
 
 import torch
 
+from metatrain_mace import lora
+
 
 def apply_finetuning(
     model: torch.nn.Module, strategy: Dict[str, Any]
@@ -12,11 +14,19 @@ def apply_finetuning(
     """Set ``requires_grad`` following ``strategy`` and copy inherited heads.
 
     ``full`` trains every parameter; ``heads`` trains only parameters whose names
-    start with one of ``config.head_modules`` or ``config.last_layer_modules``.
+    start with one of ``config.head_modules`` or ``config.last_layer_modules``;
+    ``lora`` wraps the linear layers matching ``config.target_modules`` in
+    equivariant low-rank adapters (:mod:`metatrain_mace.lora`) and trains only
+    those adapters and the modules of ``config.trainable_modules``.
     ``inherit_heads`` maps a new target to an existing one whose head weights
     initialise it.
     """
     method = strategy["method"]
+    if method not in ("full", "heads", "lora"):
+        raise ValueError(
+            f"unknown fine-tuning method {method!r} in 'finetune.method'; use "
+            "'full', 'heads' or 'lora'"
+        )
     # requires_grad_ (not the attribute) so that MACE's EmptyParam stays frozen
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -34,10 +44,8 @@ def apply_finetuning(
                 f"no parameter name starts with any of {prefixes}; check "
                 "'finetune.config.head_modules' and 'last_layer_modules'"
             )
-    elif method != "full":
-        raise ValueError(
-            f"unknown fine-tuning method {method!r}; use 'full' or 'heads'"
-        )
+    elif method == "lora":
+        _apply_lora(model, strategy.get("config") or {})
 
     for destination, source in (strategy.get("inherit_heads") or {}).items():
         if source not in model.heads or destination not in model.heads:
@@ -48,9 +56,46 @@ def apply_finetuning(
         model.heads[destination].load_state_dict(model.heads[source].state_dict())
 
     model.finetune_config = dict(strategy)
+    # adapters stay part of the model whatever later fine-tuning does: the record
+    # lets load_checkpoint insert them again before loading the weights
+    record = lora.adapter_record(model)
+    if record:
+        model.finetune_config[lora.RECORD_KEY] = record
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logging.info(
         f"Fine-tuning method '{method}': {trainable}/{total} parameters trainable"
     )
     return model
+
+
+def _apply_lora(model: torch.nn.Module, config: Dict[str, Any]) -> None:
+    """Insert the adapters and train only them and ``trainable_modules``."""
+    known = {"rank", "alpha", "target_modules", "trainable_modules"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown keys {unknown} in 'finetune.config' for method 'lora'; "
+            f"the keys are {sorted(known)}"
+        )
+    for key in ("rank", "alpha"):
+        if key not in config:
+            raise ValueError(
+                f"'finetune.config.{key}' is required for method 'lora' (for example "
+                "'config: {rank: 4, alpha: 8.0}')"
+            )
+    targets = config.get("target_modules")
+    if targets is None:
+        targets = lora.DEFAULT_TARGET_MODULES
+    trainable = config.get("trainable_modules")
+    if trainable is None:
+        trainable = lora.DEFAULT_TRAINABLE_MODULES
+    selected = lora.insert_adapters(model, targets, config["rank"], config["alpha"])
+    logging.info(f"LoRA adapters on {len(selected)} layers: {selected}")
+
+    adapted = [name + ".lora_down." for name in selected] + [
+        name + ".lora_up." for name in selected
+    ]
+    prefixes = adapted + [prefix.rstrip(".") + "." for prefix in trainable]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(any(name.startswith(p) for p in prefixes))

@@ -24,7 +24,7 @@ from metatrain.utils.hypers import raise_if_hypers_mismatch
 from metatrain.utils.metadata import merge_metadata
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
-from metatrain_mace import checkpoints, foundation
+from metatrain_mace import checkpoints, foundation, lora
 from metatrain_mace._version import __version__
 from metatrain_mace.batching import systems_to_graph
 from metatrain_mace.builder import (
@@ -587,6 +587,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
             model_data["dataset_info"],
             mace=model_data.get("mace_trunk"),
         )
+        # LoRA adapters are modules of their own: insert them before the weights
+        lora.restore_adapters(model, checkpoint.get("finetune_config") or {})
         dtype = state_dict["avg_num_neighbors"].dtype
         model.to(dtype).load_state_dict(state_dict)
         if float(model.avg_num_neighbors) > 0:
