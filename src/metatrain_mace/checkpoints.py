@@ -2,7 +2,7 @@
 
 Each entry of ``MODEL_UPDATES`` / ``TRAINER_UPDATES`` maps version ``v`` to a
 function updating a checkpoint dict from ``v`` to ``v + 1`` in place. Version 1 is
-the first published format, so both are empty for now.
+the first published format; model version 2 adds ``model_data["mace_trunk"]``.
 """
 
 from typing import Any, Callable, Dict
@@ -10,7 +10,13 @@ from typing import Any, Callable, Dict
 
 Update = Callable[[Dict[str, Any]], None]
 
-MODEL_UPDATES: Dict[int, Update] = {}
+
+def _model_v1_to_v2(checkpoint: Dict[str, Any]) -> None:
+    """v2 stores the MACE trunk of models loaded from a MACE file (none before)."""
+    checkpoint["model_data"]["mace_trunk"] = None
+
+
+MODEL_UPDATES: Dict[int, Update] = {1: _model_v1_to_v2}
 TRAINER_UPDATES: Dict[int, Update] = {}
 
 
