@@ -33,18 +33,21 @@ from metatrain_mace.builder import (
     set_avg_num_neighbors,
 )
 from metatrain_mace.documentation import ModelHypers
+from metatrain_mace.features import IrrepGather, SphericalFeatures
 from metatrain_mace.heads import (
     EquivariantLinearBlock,
     EquivariantLinearHead,
     MLPHead,
     irrep_of_block,
 )
+from metatrain_mace.irreps_probe import produced_irreps
 from metatrain_mace.mace_import import o3
 from metatrain_mace.scripting import compiled_copy, tree_copy
 from metatrain_mace.targets import check_target
 
 
 ARCHITECTURE_NAME = "experimental.mace"
+MACE_FEATURES = "mtt::aux::mace_features"
 
 
 def last_layer_features_name(target_name: str) -> str:
@@ -82,11 +85,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
     def __init__(self, hypers: ModelHypers, dataset_info: DatasetInfo) -> None:
         super().__init__(hypers, dataset_info, self.__default_metadata__)
         self.atomic_types: List[int] = sorted(int(t) for t in dataset_info.atomic_types)
-        # built in float64 for accurate coefficients, then cast like every new module
-        self.mace = build_mace(dict(hypers), self.atomic_types).to(
-            torch.get_default_dtype()
-        )
+        # built and kept in float64 whatever the default dtype: MACE's coupling
+        # coefficients cast to float32 and back would keep float32 accuracy, and break
+        # float64 equivariance (1e-9 instead of 1e-14); training casts the model down
+        self.mace = build_mace(dict(hypers), self.atomic_types)
         self._init_common(dataset_info)
+        self.to(torch.float64)
 
     def _init_common(self, dataset_info: DatasetInfo) -> None:
         """Everything that does not depend on where the MACE trunk came from."""
@@ -125,21 +129,46 @@ class MetaMACE(ModelInterface[ModelHypers]):
         )
         self.layer_scalars = layer_scalars
         self.num_scalar_features = len(scalar_index)
+        # irreps that the node features actually carry (see irreps_probe)
+        self.layer_irreps = [o3.Irreps(p.linear.irreps_out) for p in self.mace.products]
+        parameter = next(self.mace.parameters())
+        self.produced_layer_irreps = produced_irreps(
+            self._node_features,
+            self.layer_irreps,
+            len(self.atomic_types),
+            self.r_max,
+            parameter.dtype,
+            parameter.device,
+        )
+        self.produced_irreps = sum(self.produced_layer_irreps, o3.Irreps(""))
+        self.spherical_features = SphericalFeatures(
+            self.layer_irreps, self.produced_layer_irreps
+        )
 
         self.outputs: Dict[str, ModelOutput] = {
             "feature": ModelOutput(
                 sample_kind="atom",
                 description="invariant (0e) MACE node features of all layers",
-            )
+            ),
+            MACE_FEATURES: ModelOutput(
+                sample_kind="atom",
+                description="equivariant MACE node features of all layers, one "
+                "block per irrep (see metatrain_mace.features)",
+            ),
         }
         self.heads = torch.nn.ModuleDict()
         self.target_names: List[str] = []
         self.key_labels: Dict[str, Labels] = {}
         self.component_labels: Dict[str, List[List[Labels]]] = {}
         self.property_labels: Dict[str, List[Labels]] = {}
+        # for metatrain's LLPR, which reads one size: that of the first target
+        self.last_layer_feature_sizes: Dict[str, int] = {}
         for name, info in dataset_info.targets.items():
             self._add_output(name, info)
 
+        self.last_layer_feature_size = next(
+            iter(self.last_layer_feature_sizes.values()), 0
+        )
         self.additive_models = torch.nn.ModuleList(
             [CompositionModel.from_valid_targets(dataset_info, self.atomic_types)]
         )
@@ -152,7 +181,13 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     # ------------------------------------------------------------------ targets
     def _add_output(self, name: str, info: TargetInfo) -> None:
-        check_target(name, info, self.feature_irreps)
+        check_target(
+            name,
+            info,
+            self.produced_irreps,
+            self.feature_irreps,
+            self.num_interactions,
+        )
         if name == self.mace_head_target:
             block = info.layout.block()
             if not info.is_scalar or len(block.properties) != 1:
@@ -162,19 +197,24 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     f"{len(block.properties)} properties of a non-scalar or "
                     "multi-property kind; choose an energy-like target"
                 )
+            self.last_layer_feature_sizes[name] = self._mace_last_layer_size()
         elif info.is_scalar:
             self.heads[name] = MLPHead(
                 self.num_scalar_features,
                 list(self.hypers["head_hidden_sizes"]),
                 len(info.layout.block().properties),
             )
+            self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
         else:
             blocks: List[EquivariantLinearBlock] = []
+            irreps: List[o3.Irrep] = []
             for key, block in info.layout.items():
                 if info.is_cartesian:
                     irrep = o3.Irrep("1o")
                 else:
                     irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
+                if irrep not in irreps:
+                    irreps.append(irrep)
                 blocks.append(
                     EquivariantLinearBlock(
                         self.feature_irreps,
@@ -183,7 +223,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
                         cartesian=info.is_cartesian,
                     )
                 )
-            self.heads[name] = EquivariantLinearHead(blocks)
+            gathers = [
+                IrrepGather(self.layer_irreps, self.produced_layer_irreps, irrep)
+                for irrep in irreps
+            ]
+            self.heads[name] = EquivariantLinearHead(blocks, gathers)
+            self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
 
         self.target_names.append(name)
         self.outputs[name] = ModelOutput(
@@ -191,13 +236,25 @@ class MetaMACE(ModelInterface[ModelHypers]):
             sample_kind="atom",
             description=info.description,
         )
-        if info.is_scalar:
-            self.outputs[last_layer_features_name(name)] = ModelOutput(
-                sample_kind="atom", description=f"last layer features for {name}"
-            )
+        self.outputs[last_layer_features_name(name)] = ModelOutput(
+            sample_kind="atom",
+            description=f"invariant last layer features for {name}",
+        )
         self.key_labels[name] = info.layout.keys
         self.component_labels[name] = [b.components for b in info.layout.blocks()]
         self.property_labels[name] = [b.properties for b in info.layout.blocks()]
+
+    def _mace_last_layer_size(self) -> int:
+        """Size of the last-layer features of MACE's readouts (see _mace_energy)."""
+        size = 0
+        n_readouts = len(self.mace.readouts)
+        for i, readout in enumerate(self.mace.readouts):
+            if hasattr(readout, "linear_1"):
+                size += o3.Irreps(readout.linear_1.irreps_out).dim
+            else:
+                layer = len(self.layer_scalars) - 1 if n_readouts == 1 else i
+                size += self.layer_scalars[layer]
+        return size
 
     def supported_outputs(self) -> Dict[str, ModelOutput]:
         return self.outputs
@@ -421,13 +478,24 @@ class MetaMACE(ModelInterface[ModelHypers]):
         # the concatenated features feed the heads and the "feature" output only
         all_features = features[-1]
         scalar_features = features[-1]
-        if "feature" in outputs or self._needs_heads(outputs):
+        if (
+            "feature" in outputs
+            or "mtt::aux::mace_features" in outputs
+            or self._needs_heads(outputs)
+        ):
             all_features = torch.cat(features, dim=-1)
             scalar_features = all_features.index_select(1, self.scalar_index)
 
         if "feature" in outputs:
             result["feature"] = self._features_map(
                 scalar_features, samples, outputs["feature"], selected_atoms
+            )
+
+        if "mtt::aux::mace_features" in outputs:
+            result["mtt::aux::mace_features"] = self._finish(
+                self.spherical_features(all_features, samples),
+                outputs["mtt::aux::mace_features"],
+                selected_atoms,
             )
 
         head_target = self.mace_head_target
