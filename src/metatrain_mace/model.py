@@ -161,14 +161,14 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.key_labels: Dict[str, Labels] = {}
         self.component_labels: Dict[str, List[List[Labels]]] = {}
         self.property_labels: Dict[str, List[Labels]] = {}
-        # for metatrain's LLPR, which reads one size: that of the first target
+        # metatrain's LLPR reads one last-layer feature size for all targets: the
+        # features of every target are zero-padded to the largest size, which leaves
+        # LLPR uncertainties unchanged (zero features add nothing to f^T C^-1 f)
         self.last_layer_feature_sizes: Dict[str, int] = {}
         for name, info in dataset_info.targets.items():
             self._add_output(name, info)
 
-        self.last_layer_feature_size = next(
-            iter(self.last_layer_feature_sizes.values()), 0
-        )
+        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
         self.additive_models = torch.nn.ModuleList(
             [CompositionModel.from_valid_targets(dataset_info, self.atomic_types)]
         )
@@ -287,6 +287,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.has_new_targets = len(new_targets) > 0
         for name, info in new_targets.items():
             self._add_output(name, info)
+        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
         self.dataset_info = merged
         self.additive_models[0] = self.additive_models[0].restart(
             dataset_info=DatasetInfo(
@@ -406,6 +407,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
             TensorMap(self.key_labels[name], tensor_blocks), output, selected_atoms
         )
 
+    def _pad(self, last_layer_features: torch.Tensor) -> torch.Tensor:
+        """Zero-pad last-layer features to the common ``last_layer_feature_size``."""
+        missing = self.last_layer_feature_size - last_layer_features.shape[-1]
+        return torch.nn.functional.pad(last_layer_features, (0, missing))
+
     def _features_map(
         self,
         values: torch.Tensor,
@@ -510,7 +516,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 )
             if head_llf in outputs:
                 result[head_llf] = self._features_map(
-                    llf, samples, outputs[head_llf], selected_atoms
+                    self._pad(llf), samples, outputs[head_llf], selected_atoms
                 )
 
         for name, head in self.heads.items():
@@ -523,7 +529,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     )
                 if llf_name in outputs:
                     result[llf_name] = self._features_map(
-                        llf, samples, outputs[llf_name], selected_atoms
+                        self._pad(llf), samples, outputs[llf_name], selected_atoms
                     )
 
         if not self.training:
