@@ -59,7 +59,14 @@ def all_kinds_dataset_info() -> DatasetInfo:
     """One target of every kind the issue lists, H/C/O structures."""
     targets = {
         "energy": get_energy_target_info(
-            "energy", {"unit": "eV", "forces": True, "stress": True}
+            "energy", {"unit": "eV"}, add_position_gradients=True
+        ),
+        # a second energy-like target, on an MLP head instead of MACE's readout
+        "mtt::energy2": get_energy_target_info(
+            "mtt::energy2",
+            {"unit": "eV"},
+            add_position_gradients=True,
+            add_strain_gradients=True,
         ),
         "mtt::scalars": _generic("mtt::scalars", "scalar", 5, "system"),
         "mtt::atom_scalars": _generic("mtt::atom_scalars", "scalar", 5, "atom"),

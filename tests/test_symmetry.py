@@ -15,9 +15,16 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
-from metatomic.torch import ModelOutput
+from metatomic.torch import (
+    ModelEvaluationOptions,
+    ModelOutput,
+    System,
+    load_atomistic_model,
+    systems_to_torch,
+)
 from metatomic_ase import MetatomicCalculator
 from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
 from metatrain_mace import MetaMACE
 from metatrain_mace.mace_import import o3
@@ -235,3 +242,48 @@ def test_translations_and_permutations(exported, dtype) -> None:
                         worst = max(worst, float((new_values - expected).abs().max()))
     print(f"{dtype} translations/permutations max error {worst:.2e}")
     assert worst <= TOLERANCE[dtype]
+
+
+def autograd_forces_and_stress(model, atoms, dtype, name: str) -> tuple:
+    """Forces and stress of the energy-like output ``name``, by autograd."""
+    system = systems_to_torch(atoms, dtype=dtype, positions_requires_grad=True)
+    strain = torch.eye(3, dtype=dtype, requires_grad=True)
+    system = System(
+        types=system.types,
+        positions=system.positions @ strain,
+        cell=system.cell @ strain,
+        pbc=system.pbc,
+    )
+    system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+    options = ModelEvaluationOptions(
+        length_unit="angstrom", outputs={name: ModelOutput(sample_kind="system")}
+    )
+    energy = model([system], options, check_consistency=True)[name].block().values
+    positions = system.positions
+    forces, virial = torch.autograd.grad(energy.sum(), [positions, strain])
+    volume = abs(np.linalg.det(np.asarray(atoms.cell))) if atoms.pbc.any() else 1.0
+    return -forces.to(torch.float64).numpy(), virial.to(torch.float64).numpy() / volume
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_second_energy_forces_and_stress_transform_under_o3(exported, dtype) -> None:
+    """An energy-like target on an MLP head: autograd forces and stress rotate too."""
+    path, _ = exported[dtype]
+    model = load_atomistic_model(path)
+    worst = {"forces": 0.0, "stress": 0.0}
+    for atoms in structures():
+        forces, stress = autograd_forces_and_stress(model, atoms, dtype, "mtt::energy2")
+        assert np.abs(forces).max() > 1e-3
+        for matrix in o3_matrices(5):
+            Q = matrix.numpy()
+            new_forces, new_stress = autograd_forces_and_stress(
+                model, transformed(atoms, Q), dtype, "mtt::energy2"
+            )
+            worst["forces"] = max(
+                worst["forces"], np.abs(new_forces - forces @ Q.T).max()
+            )
+            if atoms.pbc.any():
+                error = np.abs(new_stress - Q @ stress @ Q.T).max()
+                worst["stress"] = max(worst["stress"], error)
+    print(f"{dtype} mtt::energy2 forces/stress max errors: {worst}")
+    assert max(worst.values()) <= TOLERANCE[dtype], worst
