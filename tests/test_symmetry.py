@@ -57,13 +57,15 @@ def output_kinds(model: MetaMACE) -> Dict[str, tuple]:
         "feature": ("scalar", None),
         "mtt::aux::mace_features": ("spherical", None),
     }
+    # every target is also asked with the other sample kind: per-structure targets
+    # per atom, per-atom targets summed per structure
     for name, info in model.dataset_info.targets.items():
         if info.is_cartesian:
-            kinds[name] = ("cartesian", info.sample_kind)
+            kinds[name] = ("cartesian", None)
         elif info.is_spherical:
-            kinds[name] = ("spherical", info.sample_kind)
+            kinds[name] = ("spherical", None)
         else:
-            kinds[name] = ("scalar", info.sample_kind)
+            kinds[name] = ("scalar", None)
     for name in model.supported_outputs():
         if name.endswith("_last_layer_features"):
             kinds[name] = ("scalar", None)
@@ -287,3 +289,22 @@ def test_second_energy_forces_and_stress_transform_under_o3(exported, dtype) -> 
                 worst["stress"] = max(worst["stress"], error)
     print(f"{dtype} mtt::energy2 forces/stress max errors: {worst}")
     assert max(worst.values()) <= TOLERANCE[dtype], worst
+
+
+def test_per_atom_targets_summed_per_structure(exported) -> None:
+    """A per-atom target asked per structure is the sum of its per-atom values."""
+    path, kinds = exported[torch.float64]
+    calculator = MetatomicCalculator(path, extensions_directory=None)
+    names = ["mtt::atom_scalars", "mtt::displacement", "mtt::spherical"]
+    for atoms in structures():
+        per_atom = calculator.run_model(
+            atoms, {name: ModelOutput(sample_kind="atom") for name in names}
+        )
+        per_structure = calculator.run_model(
+            atoms, {name: ModelOutput(sample_kind="system") for name in names}
+        )
+        for name in names:
+            for key, block in per_structure[name].items():
+                expected = per_atom[name].block(key).values.sum(dim=0, keepdim=True)
+                assert block.samples.names == ["system"]
+                assert torch.allclose(block.values, expected, atol=1e-12), name

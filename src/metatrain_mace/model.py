@@ -81,6 +81,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
     key_labels: Dict[str, Labels]
     component_labels: Dict[str, List[List[Labels]]]
     property_labels: Dict[str, List[Labels]]
+    per_atom_targets: List[str]
 
     def __init__(self, hypers: ModelHypers, dataset_info: DatasetInfo) -> None:
         super().__init__(hypers, dataset_info, self.__default_metadata__)
@@ -158,6 +159,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         }
         self.heads = torch.nn.ModuleDict()
         self.target_names: List[str] = []
+        self.per_atom_targets: List[str] = []
         self.key_labels: Dict[str, Labels] = {}
         self.component_labels: Dict[str, List[List[Labels]]] = {}
         self.property_labels: Dict[str, List[Labels]] = {}
@@ -231,6 +233,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
             self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
 
         self.target_names.append(name)
+        if info.sample_kind == "atom":
+            self.per_atom_targets.append(name)
         self.outputs[name] = ModelOutput(
             unit=info.unit,
             sample_kind="atom",
@@ -463,6 +467,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         device = systems[0].positions.device
         if self.single_label.values.device != device:
             self._move_labels_to_device(device)
+        outputs, summed = self._per_atom_requests(outputs)
 
         types, system_index, atom_index, edge_index, vectors = systems_to_graph(
             systems, self.nl_options
@@ -534,7 +539,29 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
         if not self.training:
             result = self._add_baselines(systems, outputs, result, selected_atoms)
+        for name in summed:
+            result[name] = sum_over_atoms(result[name])
         return result
+
+    def _per_atom_requests(
+        self, outputs: Dict[str, ModelOutput]
+    ) -> Tuple[Dict[str, ModelOutput], List[str]]:
+        """Per-atom targets asked per structure are computed per atom, and summed
+        after metatrain's scaler and baseline (which work per atomic type)."""
+        summed: List[str] = []
+        requests: Dict[str, ModelOutput] = {}
+        for name, output in outputs.items():
+            if name in self.per_atom_targets and output.sample_kind == "system":
+                summed.append(name)
+                output = ModelOutput(
+                    quantity=output.quantity,
+                    unit=output.unit,
+                    sample_kind="atom",
+                    explicit_gradients=output.explicit_gradients,
+                    description=output.description,
+                )
+            requests[name] = output
+        return requests, summed
 
     def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
         for name in self.heads.keys():
