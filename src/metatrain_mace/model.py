@@ -170,7 +170,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
         for name, info in dataset_info.targets.items():
             self._add_output(name, info)
 
-        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
+        self.last_layer_feature_size = max(
+            self.last_layer_feature_sizes.values(), default=0
+        )
         self.additive_models = torch.nn.ModuleList(
             [CompositionModel.from_valid_targets(dataset_info, self.atomic_types)]
         )
@@ -291,7 +293,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.has_new_targets = len(new_targets) > 0
         for name, info in new_targets.items():
             self._add_output(name, info)
-        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
+        self.last_layer_feature_size = max(
+            self.last_layer_feature_sizes.values(), default=0
+        )
         self.dataset_info = merged
         self.additive_models[0] = self.additive_models[0].restart(
             dataset_info=DatasetInfo(
