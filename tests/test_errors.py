@@ -124,3 +124,106 @@ def test_empty_dataset(tmp_path) -> None:
             val_datasets=[[]],
             checkpoint_dir=str(tmp_path),
         )
+
+
+def spherical_info(irreps, name: str = "mtt::tensor", sample_kind: str = "atom"):
+    """DatasetInfo with one spherical target made of ``irreps``."""
+    return DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6],
+        targets={
+            name: get_generic_target_info(
+                name,
+                {
+                    "quantity": "",
+                    "unit": "",
+                    "type": {"spherical": {"irreps": irreps}},
+                    "num_subtargets": 1,
+                    "sample_kind": sample_kind,
+                },
+            )
+        },
+    )
+
+
+def vector_info(name: str = "mtt::dipole") -> DatasetInfo:
+    return DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6],
+        targets={
+            name: get_generic_target_info(
+                name,
+                {
+                    "quantity": "",
+                    "unit": "",
+                    "type": {"cartesian": {"rank": 1}},
+                    "num_subtargets": 1,
+                    "sample_kind": "system",
+                },
+            )
+        },
+    )
+
+
+def test_irrep_missing_from_hidden_irreps_is_named() -> None:
+    info = spherical_info([{"o3_lambda": 2, "o3_sigma": 1}])
+    message = (
+        r"target 'mtt::tensor' \(block o3_lambda=2, o3_sigma=1\) needs the irrep 2e, "
+        r"which the MACE node features never hold \(they hold .*\)\. Add '2e' to "
+        r"'hidden_irreps'.*'max_ell'"
+    )
+    with pytest.raises(ValueError, match=message):
+        MetaMACE(hypers(max_ell=1), info)
+
+
+def test_pseudoscalar_missing_from_hidden_irreps_is_named() -> None:
+    info = spherical_info([{"o3_lambda": 0, "o3_sigma": -1}], name="mtt::chirality")
+    with pytest.raises(ValueError, match=r"'mtt::chirality'.*irrep 0o.*Add '0o'"):
+        MetaMACE(hypers(), info)
+
+
+def test_declared_but_unreachable_irrep_is_refused() -> None:
+    """1e is declared, but max_ell 1 and correlation 2 never produce it.
+
+    The symmetric product of one channel's vector with itself has no 1e part, and
+    the last layer keeps the scalars only: a head for this target would only ever
+    predict zeros.
+    """
+    info = spherical_info([{"o3_lambda": 1, "o3_sigma": -1}], name="mtt::spin")
+    model_hypers = hypers(hidden_irreps="4x0e + 4x1o + 4x1e", max_ell=1)
+    message = (
+        r"target 'mtt::spin' \(block o3_lambda=1, o3_sigma=-1\) needs the irrep 1e.*"
+        r"'hidden_irreps' declares '1e', but no path of the model reaches it.*"
+        r"raise 'max_ell' \(to at least 1\), 'correlation' or 'num_interactions'"
+    )
+    with pytest.raises(ValueError, match=message):
+        MetaMACE(model_hypers, info)
+
+
+def test_declared_irrep_becomes_reachable_with_a_second_equivariant_layer() -> None:
+    """The same 1e target trains once a second layer carries equivariant features."""
+    info = spherical_info([{"o3_lambda": 1, "o3_sigma": -1}], name="mtt::spin")
+    model_hypers = hypers(
+        hidden_irreps="4x0e + 4x0o + 4x1o + 4x1e", max_ell=1, num_interactions=3
+    )
+    model = MetaMACE(model_hypers, info)
+    assert "1e" in str(model.produced_irreps)
+
+
+def test_vector_with_one_interaction_is_refused() -> None:
+    """With one interaction MACE keeps only scalars: no vector can be predicted."""
+    message = (
+        r"target 'mtt::dipole' \(a Cartesian vector\) needs the irrep 1o.*"
+        r"'num_interactions: 1'.*set 'num_interactions' to 2 or more"
+    )
+    with pytest.raises(ValueError, match=message):
+        MetaMACE(hypers(num_interactions=1), vector_info())
+
+
+def test_atomic_basis_target_refused() -> None:
+    info = spherical_info(
+        {1: [{"o3_lambda": 0, "o3_sigma": 1}], 6: [{"o3_lambda": 1, "o3_sigma": 1}]},
+        name="mtt::density",
+    )
+    with pytest.raises(ValueError, match="'mtt::density' is given in an atomic basis"):
+        MetaMACE(hypers(), info)

@@ -173,7 +173,12 @@ class ModelHypers(TypedDict):
     hidden_irreps: str = "128x0e + 128x1o"
     """Irreducible representations of the node features, e.g. ``"128x0e + 128x1o"``
     (all multiplicities must be equal). More channels give more accurate and slower
-    models; higher degrees (``2e``, ``3o``) give richer equivariant features."""
+    models; higher degrees (``2e``, ``3o``) give richer equivariant features.
+    Equivariant targets need their irreps here and in the features MACE actually
+    fills: the last layer keeps only scalars (so ``num_interactions`` >= 2), degrees
+    above ``max_ell`` come from products of order ``correlation``, and irreps of
+    unusual parity (``0o``, ``1e``) need ``0o`` here and three interactions. Targets
+    needing irreps the features never carry are refused before training."""
     edge_irreps: Optional[str] = None
     """Irreps of the edge features inside the interaction blocks. ``None`` uses the
     MACE default (the full tensor product)."""

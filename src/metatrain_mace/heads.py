@@ -3,14 +3,18 @@
 Invariant (scalar) targets get a small MLP on the scalar (0e) node features of all
 layers; equivariant targets (spherical blocks, Cartesian vectors) get an e3nn linear
 map from all node features to the target irreps, which is exactly equivariant.
-Every head returns the values of each target block per atom, and the features fed to
-its last linear layer (for LLPR-style uncertainty).
+Every head returns the values of each target block per atom, and invariant
+last-layer features (for LLPR-style uncertainty): for MLP heads the input of their last
+linear layer; for equivariant heads, whose last (and only) layer is linear in the node
+features of the target's irreps, the rotation-invariant norm of every channel of those
+features (LLPR needs one invariant feature vector per sample and target).
 """
 
 from typing import List, Tuple
 
 import torch
 
+from metatrain_mace.features import IrrepGather
 from metatrain_mace.mace_import import o3
 
 
@@ -67,11 +71,20 @@ class EquivariantLinearBlock(torch.nn.Module):
 
 
 class EquivariantLinearHead(torch.nn.Module):
-    """One :class:`EquivariantLinearBlock` per block of an equivariant target."""
+    """One :class:`EquivariantLinearBlock` per block of an equivariant target.
 
-    def __init__(self, blocks: List[EquivariantLinearBlock]):
+    :param blocks: the linear maps, one per target block.
+    :param gathers: the node features of every distinct irrep of the target, whose
+        per-channel norms are the (invariant) last-layer features.
+    """
+
+    def __init__(
+        self, blocks: List[EquivariantLinearBlock], gathers: List[IrrepGather]
+    ):
         super().__init__()
         self.blocks = torch.nn.ModuleList(blocks)
+        self.gathers = torch.nn.ModuleList(gathers)
+        self.last_layer_size = sum(gather.count for gather in gathers)
 
     def forward(
         self, features: torch.Tensor, scalar_features: torch.Tensor
@@ -79,4 +92,7 @@ class EquivariantLinearHead(torch.nn.Module):
         values: List[torch.Tensor] = []
         for block in self.blocks:
             values.append(block(features))
-        return values, scalar_features
+        norms: List[torch.Tensor] = []
+        for gather in self.gathers:
+            norms.append(torch.linalg.vector_norm(gather(features), dim=1))
+        return values, torch.cat(norms, dim=-1)

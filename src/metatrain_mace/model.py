@@ -33,18 +33,21 @@ from metatrain_mace.builder import (
     set_avg_num_neighbors,
 )
 from metatrain_mace.documentation import ModelHypers
+from metatrain_mace.features import IrrepGather, SphericalFeatures
 from metatrain_mace.heads import (
     EquivariantLinearBlock,
     EquivariantLinearHead,
     MLPHead,
     irrep_of_block,
 )
+from metatrain_mace.irreps_probe import produced_irreps
 from metatrain_mace.mace_import import o3
 from metatrain_mace.scripting import compiled_copy, tree_copy
 from metatrain_mace.targets import check_target
 
 
 ARCHITECTURE_NAME = "experimental.mace"
+MACE_FEATURES = "mtt::aux::mace_features"
 
 
 def last_layer_features_name(target_name: str) -> str:
@@ -78,6 +81,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
     key_labels: Dict[str, Labels]
     component_labels: Dict[str, List[List[Labels]]]
     property_labels: Dict[str, List[Labels]]
+    per_atom_targets: List[str]
 
     def __init__(
         self,
@@ -100,8 +104,6 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     get_default_hypers(ARCHITECTURE_NAME)["model"],
                     mace,
                 )
-            # kept in the file's dtype: casting a float64 file down here and back up
-            # later would lose its precision
             self.mace = mace
             self.head_index: int = foundation.select_head(
                 mace, hypers["mace_head_name"]
@@ -114,11 +116,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
             avg_num_neighbors = float(mace.interactions[0].avg_num_neighbors)
         else:
             self.atomic_types = sorted(int(t) for t in dataset_info.atomic_types)
-            # built in float64 for accurate coefficients, then cast like every new
-            # module
-            self.mace = build_mace(dict(hypers), self.atomic_types).to(
-                torch.get_default_dtype()
-            )
+            self.mace = build_mace(dict(hypers), self.atomic_types)
             self.head_index = 0
             avg = self.hypers["avg_num_neighbors"]
             avg_num_neighbors = 0.0 if avg is None else float(avg)
@@ -154,21 +152,49 @@ class MetaMACE(ModelInterface[ModelHypers]):
         )
         self.layer_scalars = layer_scalars
         self.num_scalar_features = len(scalar_index)
+        # irreps that the node features actually carry (see irreps_probe)
+        self.layer_irreps = [o3.Irreps(p.linear.irreps_out) for p in self.mace.products]
+        parameter = next(self.mace.parameters())
+        self.produced_layer_irreps = produced_irreps(
+            self._node_features,
+            self.layer_irreps,
+            len(self.atomic_types),
+            self.r_max,
+            parameter.dtype,
+            parameter.device,
+        )
+        self.produced_irreps = sum(self.produced_layer_irreps, o3.Irreps(""))
+        self.spherical_features = SphericalFeatures(
+            self.layer_irreps, self.produced_layer_irreps
+        )
 
         self.outputs: Dict[str, ModelOutput] = {
             "feature": ModelOutput(
                 sample_kind="atom",
                 description="invariant (0e) MACE node features of all layers",
-            )
+            ),
+            MACE_FEATURES: ModelOutput(
+                sample_kind="atom",
+                description="equivariant MACE node features of all layers, one "
+                "block per irrep (see metatrain_mace.features)",
+            ),
         }
         self.heads = torch.nn.ModuleDict()
         self.target_names: List[str] = []
+        self.per_atom_targets: List[str] = []
         self.key_labels: Dict[str, Labels] = {}
         self.component_labels: Dict[str, List[List[Labels]]] = {}
         self.property_labels: Dict[str, List[Labels]] = {}
+        # metatrain's LLPR reads one last-layer feature size for all targets: the
+        # features of every target are zero-padded to the largest size, which leaves
+        # LLPR uncertainties unchanged (zero features add nothing to f^T C^-1 f)
+        self.last_layer_feature_sizes: Dict[str, int] = {}
         for name, info in dataset_info.targets.items():
             self._add_output(name, info)
 
+        self.last_layer_feature_size = max(
+            self.last_layer_feature_sizes.values(), default=0
+        )
         self.additive_models = torch.nn.ModuleList(
             [CompositionModel.from_valid_targets(dataset_info, self.atomic_types)]
         )
@@ -178,11 +204,22 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.single_label = Labels.single()
         self.finetune_config: Dict[str, Any] = {}
         self.has_new_targets = False
+        # built and kept in float64 whatever the default dtype (a float32 MACE file
+        # is cast up losslessly): MACE's coupling coefficients cast to float32 and
+        # back would keep float32 accuracy and break float64 equivariance (1e-9
+        # instead of 1e-14); training casts the model down when asked
+        self.to(torch.float64)
 
     # ------------------------------------------------------------------ targets
     def _add_output(self, name: str, info: TargetInfo) -> None:
         """Add the head (or MACE readout) and the outputs of one target."""
-        check_target(name, info, self.feature_irreps)
+        check_target(
+            name,
+            info,
+            self.produced_irreps,
+            self.feature_irreps,
+            self.num_interactions,
+        )
         if name == self.mace_head_target:
             block = info.layout.block()
             if not info.is_scalar or len(block.properties) != 1:
@@ -192,19 +229,24 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     f"{len(block.properties)} properties of a non-scalar or "
                     "multi-property kind; choose an energy-like target"
                 )
+            self.last_layer_feature_sizes[name] = self._mace_last_layer_size()
         elif info.is_scalar:
             self.heads[name] = MLPHead(
                 self.num_scalar_features,
                 list(self.hypers["head_hidden_sizes"]),
                 len(info.layout.block().properties),
             )
+            self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
         else:
             blocks: List[EquivariantLinearBlock] = []
+            irreps: List[o3.Irrep] = []
             for key, block in info.layout.items():
                 if info.is_cartesian:
                     irrep = o3.Irrep("1o")
                 else:
                     irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
+                if irrep not in irreps:
+                    irreps.append(irrep)
                 blocks.append(
                     EquivariantLinearBlock(
                         self.feature_irreps,
@@ -213,21 +255,40 @@ class MetaMACE(ModelInterface[ModelHypers]):
                         cartesian=info.is_cartesian,
                     )
                 )
-            self.heads[name] = EquivariantLinearHead(blocks)
+            gathers = [
+                IrrepGather(self.layer_irreps, self.produced_layer_irreps, irrep)
+                for irrep in irreps
+            ]
+            self.heads[name] = EquivariantLinearHead(blocks, gathers)
+            self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
 
         self.target_names.append(name)
+        if info.sample_kind == "atom":
+            self.per_atom_targets.append(name)
         self.outputs[name] = ModelOutput(
             unit=info.unit,
             sample_kind="atom",
             description=info.description,
         )
-        if info.is_scalar:
-            self.outputs[last_layer_features_name(name)] = ModelOutput(
-                sample_kind="atom", description=f"last layer features for {name}"
-            )
+        self.outputs[last_layer_features_name(name)] = ModelOutput(
+            sample_kind="atom",
+            description=f"invariant last layer features for {name}",
+        )
         self.key_labels[name] = info.layout.keys
         self.component_labels[name] = [b.components for b in info.layout.blocks()]
         self.property_labels[name] = [b.properties for b in info.layout.blocks()]
+
+    def _mace_last_layer_size(self) -> int:
+        """Size of the last-layer features of MACE's readouts (see _mace_energy)."""
+        size = 0
+        n_readouts = len(self.mace.readouts)
+        for i, readout in enumerate(self.mace.readouts):
+            if hasattr(readout, "linear_1"):
+                size += o3.Irreps(readout.linear_1.irreps_out).dim
+            else:
+                layer = len(self.layer_scalars) - 1 if n_readouts == 1 else i
+                size += self.layer_scalars[layer]
+        return size
 
     def supported_outputs(self) -> Dict[str, ModelOutput]:
         return self.outputs
@@ -264,6 +325,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.has_new_targets = len(new_targets) > 0
         for name, info in new_targets.items():
             self._add_output(name, info)
+        self.last_layer_feature_size = max(
+            self.last_layer_feature_sizes.values(), default=0
+        )
         self.dataset_info = merged
         self.additive_models[0] = self.additive_models[0].restart(
             dataset_info=DatasetInfo(
@@ -383,6 +447,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
             TensorMap(self.key_labels[name], tensor_blocks), output, selected_atoms
         )
 
+    def _pad(self, last_layer_features: torch.Tensor) -> torch.Tensor:
+        """Zero-pad last-layer features to the common ``last_layer_feature_size``."""
+        missing = self.last_layer_feature_size - last_layer_features.shape[-1]
+        return torch.nn.functional.pad(last_layer_features, (0, missing))
+
     def _features_map(
         self,
         values: torch.Tensor,
@@ -434,6 +503,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         device = systems[0].positions.device
         if self.single_label.values.device != device:
             self._move_labels_to_device(device)
+        outputs, summed = self._per_atom_requests(outputs)
 
         types, system_index, atom_index, edge_index, vectors = systems_to_graph(
             systems, self.nl_options
@@ -455,13 +525,24 @@ class MetaMACE(ModelInterface[ModelHypers]):
         # the concatenated features feed the heads and the "feature" output only
         all_features = features[-1]
         scalar_features = features[-1]
-        if "feature" in outputs or self._needs_heads(outputs):
+        if (
+            "feature" in outputs
+            or "mtt::aux::mace_features" in outputs
+            or self._needs_heads(outputs)
+        ):
             all_features = torch.cat(features, dim=-1)
             scalar_features = all_features.index_select(1, self.scalar_index)
 
         if "feature" in outputs:
             result["feature"] = self._features_map(
                 scalar_features, samples, outputs["feature"], selected_atoms
+            )
+
+        if "mtt::aux::mace_features" in outputs:
+            result["mtt::aux::mace_features"] = self._finish(
+                self.spherical_features(all_features, samples),
+                outputs["mtt::aux::mace_features"],
+                selected_atoms,
             )
 
         head_target = self.mace_head_target
@@ -476,7 +557,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 )
             if head_llf in outputs:
                 result[head_llf] = self._features_map(
-                    llf, samples, outputs[head_llf], selected_atoms
+                    self._pad(llf), samples, outputs[head_llf], selected_atoms
                 )
 
         for name, head in self.heads.items():
@@ -489,12 +570,34 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     )
                 if llf_name in outputs:
                     result[llf_name] = self._features_map(
-                        llf, samples, outputs[llf_name], selected_atoms
+                        self._pad(llf), samples, outputs[llf_name], selected_atoms
                     )
 
         if not self.training:
             result = self._add_baselines(systems, outputs, result, selected_atoms)
+        for name in summed:
+            result[name] = sum_over_atoms(result[name])
         return result
+
+    def _per_atom_requests(
+        self, outputs: Dict[str, ModelOutput]
+    ) -> Tuple[Dict[str, ModelOutput], List[str]]:
+        """Per-atom targets asked per structure are computed per atom, and summed
+        after metatrain's scaler and baseline (which work per atomic type)."""
+        summed: List[str] = []
+        requests: Dict[str, ModelOutput] = {}
+        for name, output in outputs.items():
+            if name in self.per_atom_targets and output.sample_kind == "system":
+                summed.append(name)
+                output = ModelOutput(
+                    quantity=output.quantity,
+                    unit=output.unit,
+                    sample_kind="atom",
+                    explicit_gradients=output.explicit_gradients,
+                    description=output.description,
+                )
+            requests[name] = output
+        return requests, summed
 
     def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
         for name in self.heads.keys():

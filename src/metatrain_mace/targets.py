@@ -6,12 +6,57 @@ from metatrain_mace.heads import irrep_of_block
 from metatrain_mace.mace_import import o3
 
 
-def check_target(name: str, info: TargetInfo, feature_irreps: o3.Irreps) -> None:
-    """Refuse targets whose heads could not produce them.
+def _missing_irrep_message(
+    name: str,
+    what: str,
+    irrep: o3.Irrep,
+    declared: o3.Irreps,
+    produced: o3.Irreps,
+    num_interactions: int,
+) -> str:
+    """Why ``irrep`` is missing from the node features, and what to change."""
+    text = (
+        f"target '{name}' {what} needs the irrep {irrep}, which the MACE node "
+        f"features never hold (they hold {produced.simplify() or 'no irreps'})"
+    )
+    if num_interactions == 1:
+        return (
+            text + ". With 'num_interactions: 1', MACE keeps only the scalars (0e) "
+            "of its single layer: set 'num_interactions' to 2 or more, with "
+            f"'{irrep}' in 'hidden_irreps'."
+        )
+    if irrep not in {ir for _, ir in declared}:
+        return (
+            text + f". Add '{irrep}' to 'hidden_irreps' (every irrep needs the same "
+            f"multiplicity, e.g. '16x0e + 16x{irrep}'), and make sure 'max_ell' "
+            f"(at least {irrep.l} is safest) and 'correlation' can reach it."
+        )
+    return (
+        text + f": 'hidden_irreps' declares '{irrep}', but no path of the model "
+        "reaches it, so it would always be zero. The spherical harmonics stop at "
+        "'max_ell', the symmetric products at 'correlation', and the last of the "
+        "'num_interactions' layers keeps only scalars: raise 'max_ell' (to at least "
+        f"{irrep.l}), 'correlation' or 'num_interactions' (irreps of unusual parity "
+        "such as 1e or 0o need either products of order >= 3 or a second "
+        "equivariant layer)."
+    )
+
+
+def check_target(
+    name: str,
+    info: TargetInfo,
+    produced: o3.Irreps,
+    declared: o3.Irreps,
+    num_interactions: int,
+) -> None:
+    """Refuse targets whose heads could not produce them (or only zeros).
 
     :param name: target name, used in the error messages.
     :param info: the target's metatrain description.
-    :param feature_irreps: irreps of the concatenated MACE node features.
+    :param produced: irreps that the MACE node features of all layers actually carry
+        (see :mod:`metatrain_mace.irreps_probe`).
+    :param declared: irreps the node features of all layers are declared with.
+    :param num_interactions: number of MACE layers (the last keeps only scalars).
     """
     if info.is_atomic_basis:
         raise ValueError(
@@ -31,21 +76,27 @@ def check_target(name: str, info: TargetInfo, feature_irreps: o3.Irreps) -> None
                 "spherical irreps per block. Split it into irreducible spherical "
                 "blocks instead."
             )
+    available = {irrep for _, irrep in produced}
     if info.is_spherical:
-        available = {irrep for _, irrep in feature_irreps}
         for key in info.layout.keys:
-            irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
+            o3_lambda = int(key["o3_lambda"])
+            o3_sigma = int(key["o3_sigma"])
+            irrep = irrep_of_block(o3_lambda, o3_sigma)
             if irrep not in available:
+                what = f"(block o3_lambda={o3_lambda}, o3_sigma={o3_sigma})"
                 raise ValueError(
-                    f"target '{name}' needs the irrep {irrep} (o3_lambda="
-                    f"{int(key['o3_lambda'])}, o3_sigma={int(key['o3_sigma'])}), "
-                    f"but the MACE node features only hold {feature_irreps}. Add "
-                    f"'{irrep}' to 'hidden_irreps' (and make 'max_ell' at least "
-                    f"{irrep.l})."
+                    _missing_irrep_message(
+                        name, what, irrep, declared, produced, num_interactions
+                    )
                 )
-    if info.is_cartesian and o3.Irrep("1o") not in {i for _, i in feature_irreps}:
+    if info.is_cartesian and o3.Irrep("1o") not in available:
         raise ValueError(
-            f"target '{name}' is a vector, which needs '1o' node features, but the "
-            f"MACE node features only hold {feature_irreps}. Add '1o' to "
-            "'hidden_irreps', e.g. '128x0e + 128x1o'."
+            _missing_irrep_message(
+                name,
+                "(a Cartesian vector)",
+                o3.Irrep("1o"),
+                declared,
+                produced,
+                num_interactions,
+            )
         )
