@@ -43,6 +43,7 @@ from metatrain_mace.heads import (
 from metatrain_mace.irreps_probe import produced_irreps
 from metatrain_mace.mace_import import o3
 from metatrain_mace.scripting import compiled_copy, tree_copy
+from metatrain_mace.slicing import split_tensor_product_inputs
 from metatrain_mace.targets import check_target
 
 
@@ -121,6 +122,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
             avg = self.hypers["avg_num_neighbors"]
             avg_num_neighbors = 0.0 if avg is None else float(avg)
 
+        # a faster backward pass for the e3nn tensor products (same values)
+        split_tensor_product_inputs(self.mace)
         self.r_max = float(self.mace.r_max)
         self.num_interactions = int(self.mace.num_interactions)
         self.nl_options = NeighborListOptions(
@@ -381,8 +384,10 @@ class MetaMACE(ModelInterface[ModelHypers]):
         node_attrs: torch.Tensor,
         edge_index: torch.Tensor,
         vectors: torch.Tensor,
+        with_features: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-atom energy of MACE's readouts, and the readouts' last-layer features."""
+        """Per-atom energy of MACE's readouts, and the readouts' last-layer features
+        (computed only ``with_features``, else an empty tensor)."""
         n_atoms = node_attrs.shape[0]
         node_heads = torch.full(
             (n_atoms,), self.head_index, dtype=torch.int64, device=node_attrs.device
@@ -393,17 +398,20 @@ class MetaMACE(ModelInterface[ModelHypers]):
         for i, readout in enumerate(self.mace.readouts):
             layer = len(features) - 1 if n_readouts == 1 else i
             energy = energy + readout(features[layer], node_heads)[:, self.head_index]
-            if hasattr(readout, "linear_1"):
-                last_layer.append(
-                    readout.non_linearity(readout.linear_1(features[layer]))
-                )
-            else:
-                last_layer.append(features[layer][:, : self.layer_scalars[layer]])
+            if with_features:
+                if hasattr(readout, "linear_1"):
+                    last_layer.append(
+                        readout.non_linearity(readout.linear_1(features[layer]))
+                    )
+                else:
+                    last_layer.append(features[layer][:, : self.layer_scalars[layer]])
         if hasattr(self.mace, "pair_repulsion_fn"):
             lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
             energy = energy + self.mace.pair_repulsion_fn(
                 lengths, node_attrs, edge_index, self.mace.atomic_numbers
             )
+        if len(last_layer) == 0:
+            return energy.unsqueeze(-1), energy.new_zeros((n_atoms, 0))
         return energy.unsqueeze(-1), torch.cat(last_layer, dim=-1)
 
     def _check_types(self, types: torch.Tensor) -> torch.Tensor:
@@ -550,7 +558,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
         if head_target in self.target_names and (
             head_target in outputs or head_llf in outputs
         ):
-            energy, llf = self._mace_energy(features, node_attrs, edge_index, vectors)
+            energy, llf = self._mace_energy(
+                features, node_attrs, edge_index, vectors, head_llf in outputs
+            )
             if head_target in outputs:
                 result[head_target] = self._as_tensor_map(
                     head_target, [energy], samples, outputs[head_target], selected_atoms
