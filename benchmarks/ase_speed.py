@@ -18,7 +18,7 @@ weights (128x0e + 128x1o, max_ell 3, correlation 3, 2 interactions, r_max 6, 10
 Bessel functions, 89 elements): timing does not depend on the weights. Nothing is
 downloaded. Run from the repository root::
 
-    python benchmarks/ase_speed.py                    # about 5 minutes
+    python benchmarks/ase_speed.py                    # about 20 minutes
     python benchmarks/ase_speed.py --model mace-mp-0-medium.model --repeats 30
 """
 
@@ -111,7 +111,7 @@ def main(argv: List[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="MACE model file (default: build one)")
     parser.add_argument("--sizes", default="2,3,4", help="supercell repeats n")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
@@ -121,7 +121,7 @@ def main(argv: List[str]) -> None:
 
     torch.set_num_threads(args.threads)
     from mace.calculators import MACECalculator
-    from metatomic.torch.ase_calculator import MetatomicCalculator
+    from metatomic_ase import MetatomicCalculator
 
     from metatrain_mace import export_mace_model
 

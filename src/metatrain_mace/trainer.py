@@ -22,7 +22,7 @@ from metatrain.utils.evaluate_model import evaluate_model
 from metatrain.utils.io import check_file_extension
 from metatrain.utils.logging import ROOT_LOGGER, MetricLogger
 from metatrain.utils.loss import LossAggregator, LossSpecification
-from metatrain.utils.metrics import MAEAccumulator, RMSEAccumulator, get_selected_metric
+from metatrain.utils.metrics import get_selected_metric
 from metatrain.utils.neighbor_lists import (
     get_requested_neighbor_lists,
     get_system_with_neighbor_lists,
@@ -38,6 +38,7 @@ from metatrain_mace.baselines import fit_baselines
 from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
+from metatrain_mace.metrics import TargetUnitMetrics
 from metatrain_mace.model import MetaMACE
 from metatrain_mace.optimization import build_optimizer, build_scheduler, step_scheduler
 
@@ -297,9 +298,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
 
         ``scale_properties``: whether a target has per-property scales (those with
         several properties or blocks; the scales of all others are 1)."""
-        separate = self.hypers["log_separate_blocks"]
-        rmse = RMSEAccumulator(separate)
-        mae = MAEAccumulator(separate) if self.hypers["log_mae"] else None
+        metrics_in_target_units = TargetUnitMetrics(
+            model.scaler,
+            list(train_targets),
+            separate_blocks=self.hypers["log_separate_blocks"],
+            with_mae=self.hypers["log_mae"],
+        )
         total_loss = 0.0
         for batch in loader:
             if optimizer is not None:
@@ -333,24 +337,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 optimizer.step()
             total_loss += loss.item()
             if with_metrics:
-                # metrics in the units of the targets
-                in_target_units = functools.partial(
-                    model.scaler.apply_scales,
-                    systems,
-                    remove=False,
-                    use_per_target_scales=True,
-                    use_per_property_scales=False,
+                metrics_in_target_units.update(
+                    systems, predictions, targets, extra_data
                 )
-                scaled_predictions = in_target_units(predictions)
-                scaled_targets = in_target_units(targets)
-                rmse.update(scaled_predictions, scaled_targets, extra_data)
-                if mae is not None:
-                    mae.update(scaled_predictions, scaled_targets, extra_data)
         metrics: Dict[str, Any] = {}
         if with_metrics:
-            metrics = rmse.finalize(not_per_atom=not_per_atom, device=device)
-            if mae is not None:
-                metrics.update(mae.finalize(not_per_atom=not_per_atom, device=device))
+            metrics = metrics_in_target_units.finalize(not_per_atom, device)
         return total_loss, metrics
 
     def save_checkpoint(self, model: MetaMACE, path: Union[str, Path]) -> None:
