@@ -1,6 +1,7 @@
 """Build ``mace.modules.MACE`` from the model hyperparameters, with clear errors."""
 
-from typing import Any, Dict, List
+import contextlib
+from typing import Any, Dict, Iterator, List
 
 import numpy as np
 import torch
@@ -60,6 +61,21 @@ def check_model_hypers(hypers: Dict[str, Any]) -> None:
         )
 
 
+@contextlib.contextmanager
+def float64_default() -> Iterator[None]:
+    """Make float64 torch's default dtype inside the block (restored afterwards).
+
+    MACE and e3nn compute their coupling coefficients in the default dtype when a
+    module is built or its code generated; float64 keeps them exact.
+    """
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous_dtype)
+
+
 def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Module:
     """A new ``mace.modules.MACE`` for ``atomic_types``, in float64.
 
@@ -70,9 +86,7 @@ def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Modu
     check_model_hypers(hypers)
     edge_irreps = hypers["edge_irreps"]
     avg_num_neighbors = hypers["avg_num_neighbors"]
-    previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         model = mace_modules.MACE(
             r_max=float(hypers["r_max"]),
             num_bessel=hypers["num_radial_basis"],
@@ -101,8 +115,6 @@ def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Modu
             radial_MLP=list(hypers["radial_MLP"]),
             radial_type=hypers["radial_type"],
         )
-    finally:
-        torch.set_default_dtype(previous_dtype)
     return model
 
 

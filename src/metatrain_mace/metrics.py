@@ -9,13 +9,16 @@ errors can be accumulated in scaled units and multiplied by the scale once, at t
 end; only per-atom targets (per-type scales) are rescaled batch by batch.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 from metatrain.scaler import Scaler
 from metatrain.utils.metrics import MAEAccumulator, RMSEAccumulator
+
+
+Accumulator = Union[RMSEAccumulator, MAEAccumulator]
 
 
 def uniform_scale(scaler: Scaler, name: str) -> Optional[float]:
@@ -43,21 +46,20 @@ class TargetUnitMetrics:
         with_mae: bool,
     ) -> None:
         self.scaler = scaler
-        self.rmse = RMSEAccumulator(separate_blocks)
-        self.mae: Optional[MAEAccumulator] = (
-            MAEAccumulator(separate_blocks) if with_mae else None
-        )
-        # targets with one scale: accumulated in scaled units, one pair per target
+        # each accumulator with the power of the scale its sums carry: squared
+        # errors (RMSE) scale with scale**2, absolute errors (MAE) with scale
+        kinds = [(RMSEAccumulator, 2)] + ([(MAEAccumulator, 1)] if with_mae else [])
+        self.accumulators: List[Tuple[Accumulator, int]] = [
+            (kind(separate_blocks), power) for kind, power in kinds
+        ]
+        # targets with one scale: accumulated in scaled units, one set per target
         self.scales: Dict[str, float] = {}
-        self.scaled: Dict[str, Tuple[RMSEAccumulator, Optional[MAEAccumulator]]] = {}
+        self.scaled: Dict[str, List[Accumulator]] = {}
         for name in target_names:
             scale = uniform_scale(scaler, name)
             if scale is not None:
                 self.scales[name] = scale
-                self.scaled[name] = (
-                    RMSEAccumulator(separate_blocks),
-                    MAEAccumulator(separate_blocks) if with_mae else None,
-                )
+                self.scaled[name] = [kind(separate_blocks) for kind, _ in kinds]
 
     def update(
         self,
@@ -69,15 +71,10 @@ class TargetUnitMetrics:
         """Add one batch; ``predictions`` and ``targets`` are in scaled units."""
         rest = [name for name in targets if name not in self.scales]
         for name in targets:
-            if name in self.scales:
-                rmse, mae = self.scaled[name]
-                rmse.update(
+            for accumulator in self.scaled.get(name, []):
+                accumulator.update(
                     {name: predictions[name]}, {name: targets[name]}, extra_data
                 )
-                if mae is not None:
-                    mae.update(
-                        {name: predictions[name]}, {name: targets[name]}, extra_data
-                    )
         if len(rest) == 0:
             return
         in_target_units = [
@@ -90,22 +87,20 @@ class TargetUnitMetrics:
             )
             for tensors in (predictions, targets)
         ]
-        self.rmse.update(*in_target_units, extra_data)
-        if self.mae is not None:
-            self.mae.update(*in_target_units, extra_data)
+        for accumulator, _ in self.accumulators:
+            accumulator.update(*in_target_units, extra_data)
 
     def finalize(
         self, not_per_atom: List[str], device: torch.device
     ) -> Dict[str, float]:
         """The metrics of all batches so far, named as metatrain names them."""
-        for name, (rmse, mae) in self.scaled.items():
-            scale = self.scales[name]
-            for key, (squared, count) in rmse.information.items():
-                self.rmse.information[key] = (squared * scale * scale, count)
-            if mae is not None and self.mae is not None:
-                for key, (absolute, count) in mae.information.items():
-                    self.mae.information[key] = (absolute * scale, count)
-        metrics = self.rmse.finalize(not_per_atom=not_per_atom, device=device)
-        if self.mae is not None:
-            metrics.update(self.mae.finalize(not_per_atom=not_per_atom, device=device))
+        metrics: Dict[str, float] = {}
+        for i, (accumulator, power) in enumerate(self.accumulators):
+            for name, scaled in self.scaled.items():
+                factor = self.scales[name] ** power
+                for key, (total, count) in scaled[i].information.items():
+                    accumulator.information[key] = (total * factor, count)
+            metrics.update(
+                accumulator.finalize(not_per_atom=not_per_atom, device=device)
+            )
         return metrics

@@ -24,6 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import fx
 
+from metatrain_mace.builder import float64_default
+
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +63,8 @@ def _chunks(ranges: List[_Range]) -> Optional[Tuple[List[int], Dict[_Range, int]
         if start > position:
             sizes.append(start - position)
         if stop is None:
-            chunk_of[(start, stop)] = -1  # the remainder, sized at run time
+            # the remainder: the last chunk, sized at run time
+            chunk_of[(start, stop)] = len(sizes)
             return sizes, chunk_of
         chunk_of[(start, stop)] = len(sizes)
         sizes.append(stop - start)
@@ -95,10 +98,9 @@ def split_column_slices(graph_module: fx.GraphModule) -> int:
             parts = graph.call_method("split", (source, [*sizes, rest], 1))
         anchor = parts
         for node, column_range in slices:
-            index = chunk_of[column_range]
             with graph.inserting_after(anchor):
                 part = graph.call_function(
-                    operator.getitem, (parts, len(sizes) if index < 0 else index)
+                    operator.getitem, (parts, chunk_of[column_range])
                 )
             node.replace_all_uses_with(part)
             graph.erase_node(node)
@@ -131,11 +133,9 @@ def split_tensor_product_inputs(module: torch.nn.Module) -> int:
         dtypes = [
             buffer.dtype for buffer in old.buffers() if buffer.is_floating_point()
         ]
-        # the coupling coefficients are computed in the default dtype: float64, as
-        # when the model is built (see builder.py), then cast to the module's dtype
-        previous_dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64)
-        try:
+        # coupling coefficients in float64, as when the model is built, then cast to
+        # the module's dtype
+        with float64_default():
             graph_module = codegen_tensor_product_left_right(
                 tensor_product.irreps_in1,
                 tensor_product.irreps_in2,
@@ -145,8 +145,6 @@ def split_tensor_product_inputs(module: torch.nn.Module) -> int:
                 tensor_product._specialized_code,
                 tensor_product._optimize_einsums,
             )
-        finally:
-            torch.set_default_dtype(previous_dtype)
         if split_column_slices(graph_module) > 0:
             new = torch.jit.script(jitable(graph_module))
             if dtypes:
