@@ -7,6 +7,10 @@ interpreter start by ``metatrain_mace_hook.pth``, puts a finder at the front of
 the *same module object* as the corresponding ``metatrain_mace[.*]`` module, so that
 classes are not duplicated and checkpoints, ``isinstance`` checks and pickles agree.
 
+The same finder teaches metatrain which process is the main one under ``torchrun``
+(see :func:`is_main_process`), so that distributed runs started that way log, write
+checkpoints and export once.
+
 It must stay cheap: it imports nothing but the standard library, and the aliased
 package is only imported when someone asks for it. Set ``METATRAIN_MACE_DISABLE=1``
 to leave metatrain's own copy in place.
@@ -19,12 +23,13 @@ import importlib.util
 import os
 import sys
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 ALIAS = "metatrain.experimental.mace"
 TARGET = "metatrain_mace"
 DISABLE_VARIABLE = "METATRAIN_MACE_DISABLE"
+MAIN_PROCESS_MODULE = "metatrain.utils.distributed.logging"
 
 
 def _target_name(fullname: str) -> Optional[str]:
@@ -54,8 +59,46 @@ class _AliasLoader(importlib.abc.Loader):
             module.__spec__ = self._original_spec
 
 
+def is_main_process_with_rank(original: Callable[[], bool]) -> Callable[[], bool]:
+    """metatrain's ``is_main_process``, also right under ``torchrun``.
+
+    metatrain only knows SLURM's ``SLURM_PROCID``; under ``torchrun`` (which sets
+    ``RANK`` for each process, also inside a one-task SLURM job) every process
+    would create an output folder, log, and write and export the final model. A
+    ``RANK`` in the environment decides first.
+    """
+
+    def is_main_process() -> bool:
+        rank = os.environ.get("RANK")
+        if rank is not None:
+            return rank.strip() == "0"
+        return original()
+
+    is_main_process.__doc__ = original.__doc__
+    is_main_process.__wrapped__ = original  # type: ignore[attr-defined]
+    return is_main_process
+
+
+class _MainProcessLoader(importlib.abc.Loader):
+    """Runs metatrain's module, then wraps its ``is_main_process``."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        original = getattr(module, "is_main_process", None)
+        if original is not None and not hasattr(original, "__wrapped__"):
+            module.is_main_process = is_main_process_with_rank(original)  # type: ignore[attr-defined]
+
+
 class MetatrainMaceFinder(importlib.abc.MetaPathFinder):
-    """Finder aliasing ``metatrain.experimental.mace[.*]`` to ``metatrain_mace[.*]``."""
+    """Finder aliasing ``metatrain.experimental.mace[.*]`` to ``metatrain_mace[.*]``;
+    it also wraps metatrain's ``is_main_process`` (:func:`is_main_process_with_rank`).
+    """
 
     def find_spec(
         self,
@@ -63,6 +106,11 @@ class MetatrainMaceFinder(importlib.abc.MetaPathFinder):
         path: Optional[Sequence[str]] = None,
         target: Optional[ModuleType] = None,
     ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname == MAIN_PROCESS_MODULE:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _MainProcessLoader(spec.loader)
+            return spec
         target_name = _target_name(fullname)
         if target_name is None:
             return None

@@ -29,6 +29,7 @@ PAGES = [
     "outputs",
     "foundation-models",
     "finetuning",
+    "training-at-scale",
     "engines",
     "troubleshooting",
     "changelog",

@@ -240,10 +240,14 @@ class TrainerHypers(TypedDict):
     """Epochs without improvement of the validation loss before
     ``ReduceLROnPlateau`` lowers the learning rate."""
     distributed: NotRequired[bool]
-    """Distributed (multi-process) training. Not supported yet by this package:
-    ``true`` is refused with an error (metatrain deprecates setting it)."""
+    """Distributed data-parallel training. When not set, training is distributed
+    exactly when several processes were started by ``torchrun`` (``WORLD_SIZE`` >
+    1) or by SLURM (more than one task); see :ref:`training-at-scale`. Setting it
+    is deprecated by metatrain but accepted: ``true`` without such a launcher and
+    ``false`` with one are refused with an error."""
     distributed_port: int = 39591
-    """Port for the communication of distributed training."""
+    """Port on the first node for the communication of a distributed run started by
+    SLURM (``torchrun`` chooses its own port)."""
     batch_size: Annotated[int, Ge(1)] = 8
     """Number of structures per batch (ignored for training and validation when
     ``max_atoms_per_batch`` is set)."""

@@ -17,6 +17,8 @@ from metatomic.torch import System
 from metatrain.scaler import Scaler
 from metatrain.utils.metrics import MAEAccumulator, RMSEAccumulator
 
+from metatrain_mace.distributed import sum_over_ranks
+
 
 Accumulator = Union[RMSEAccumulator, MAEAccumulator]
 
@@ -91,15 +93,22 @@ class TargetUnitMetrics:
             accumulator.update(*in_target_units, extra_data)
 
     def finalize(
-        self, not_per_atom: List[str], device: torch.device
+        self,
+        not_per_atom: List[str],
+        device: torch.device,
+        is_distributed: bool = False,
     ) -> Dict[str, float]:
-        """The metrics of all batches so far, named as metatrain names them."""
+        """The metrics of all batches so far, named as metatrain names them; with
+        ``is_distributed``, of the batches of all ranks (the sums are reduced in
+        float64, in one call per accumulator)."""
         metrics: Dict[str, float] = {}
         for i, (accumulator, power) in enumerate(self.accumulators):
             for name, scaled in self.scaled.items():
                 factor = self.scales[name] ** power
                 for key, (total, count) in scaled[i].information.items():
                     accumulator.information[key] = (total * factor, count)
+            if is_distributed:
+                sum_over_ranks(accumulator.information, device)
             metrics.update(
                 accumulator.finalize(not_per_atom=not_per_atom, device=device)
             )

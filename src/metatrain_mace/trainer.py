@@ -32,7 +32,7 @@ from metatrain.utils.per_atom import average_by_num_atoms
 from metatrain.utils.scaler import get_remove_scale_transform
 from metatrain.utils.transfer import batch_to
 
-from metatrain_mace import checkpoints
+from metatrain_mace import checkpoints, distributed
 from metatrain_mace._version import __version__
 from metatrain_mace.baselines import fit_baselines
 from metatrain_mace.dataloading import prepare_data, unpack
@@ -46,21 +46,34 @@ from metatrain_mace.optimization import build_optimizer, build_scheduler, step_s
 DatasetLike = Union[Dataset, torch.utils.data.Subset]
 
 
-def average_num_neighbors(model: MetaMACE, datasets: List[DatasetLike]) -> float:
-    """Average number of neighbours within ``r_max`` over the training structures."""
+def average_num_neighbors(
+    model: MetaMACE,
+    datasets: List[DatasetLike],
+    context: Optional[distributed.Context] = None,
+) -> float:
+    """Average number of neighbours within ``r_max`` over the training structures.
+
+    In a distributed run each rank counts its share of the structures and the
+    counts are summed, so every rank gets the same value."""
+    context = distributed.Context() if context is None else context
     options = model.requested_neighbor_lists()[0]
     n_atoms = 0
     n_edges = 0
     total = sum(len(dataset) for dataset in datasets)
     done = 0
     for dataset in datasets:
-        for index in range(len(dataset)):
+        for index in range(context.rank, len(dataset), context.world_size):
             system = get_system_with_neighbor_lists(dataset[index]["system"], [options])
             n_atoms += len(system)
             n_edges += len(system.get_neighbor_list(options).samples)
             done += 1
             if done % 5000 == 0:
-                logging.info(f"Counted neighbours in {done}/{total} structures")
+                logging.info(
+                    f"Counted neighbours in {done * context.world_size}/{total} "
+                    "structures"
+                )
+    n_atoms = int(distributed.all_reduce_sum(n_atoms, context))
+    n_edges = int(distributed.all_reduce_sum(n_edges, context))
     if n_atoms == 0:
         raise ValueError("the training set is empty: no structure to train on")
     return max(n_edges / n_atoms, 1.0)
@@ -91,22 +104,48 @@ class Trainer(TrainerInterface[TrainerHypers]):
         val_datasets: List[DatasetLike],
         checkpoint_dir: str,
     ) -> None:
-        if self.hypers.get("distributed", False):
-            raise ValueError(
-                "'distributed: true' is not supported by metatrain-mace yet; train on "
-                "one device (set 'distributed: false')"
-            )
         if sum(len(dataset) for dataset in train_datasets) == 0:
             raise ValueError(
                 "the training set is empty: no structure to train on. Check "
                 "'training_set' in the options file."
             )
-        device = devices[0]
         logging.info(
             f"Using metatrain-mace {__version__} ({Path(__file__).parent}) "
             "for the experimental.mace architecture"
         )
-        logging.info(f"Training on device {device} with dtype {dtype}")
+        context = distributed.setup(
+            self.hypers.get("distributed"), self.hypers["distributed_port"], devices[0]
+        )
+        try:
+            self._train(
+                model,
+                dtype,
+                context,
+                train_datasets,
+                val_datasets,
+                checkpoint_dir,
+            )
+        finally:
+            # every rank leaves the group, also on an error, so that no rank waits
+            # forever for the others
+            distributed.teardown(context)
+
+    def _train(
+        self,
+        model: MetaMACE,
+        dtype: torch.dtype,
+        context: distributed.Context,
+        train_datasets: List[DatasetLike],
+        val_datasets: List[DatasetLike],
+        checkpoint_dir: str,
+    ) -> None:
+        device = context.device
+        if context.enabled:
+            logging.info(
+                f"Training on {context.world_size} processes with dtype {dtype}"
+            )
+        else:
+            logging.info(f"Training on device {device} with dtype {dtype}")
 
         if self.hypers["finetune"]["read_from"] is not None:
             model = apply_finetuning(model, self.hypers["finetune"])
@@ -116,7 +155,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
         elif model.hypers["avg_num_neighbors"] is None and self.epoch is None:
             if float(model.avg_num_neighbors) <= 0:
                 logging.info("Computing the average number of neighbours")
-                avg = average_num_neighbors(model, train_datasets)
+                avg = average_num_neighbors(model, train_datasets, context)
                 model.set_avg_num_neighbors(avg)
                 logging.info(f"Average number of neighbours: {avg:.4f}")
         elif model.hypers["avg_num_neighbors"] is not None:
@@ -128,7 +167,11 @@ class Trainer(TrainerInterface[TrainerHypers]):
             additive_model.to(dtype=torch.float64)
         model.scaler.to(dtype=torch.float64)
 
-        fit_baselines(model, self.hypers, train_datasets, checkpoint_dir)
+        # rank 0 fits the baselines (and writes their checkpoints); every rank then
+        # takes rank 0's weights, baselines and scales
+        if context.is_main:
+            fit_baselines(model, self.hypers, train_datasets, checkpoint_dir)
+        distributed.broadcast_state(model, context)
 
         # CPU float64 copies of the baselines, used by the collate functions
         model.additive_models[0].weights_to(device="cpu", dtype=torch.float64)
@@ -151,7 +194,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             validate_num_workers(num_workers)
         train_datasets, val_datasets, collate_fn = prepare_data(
             train_datasets,
-            val_datasets,
+            [distributed.shard(dataset, context) for dataset in val_datasets],
             transforms=[
                 get_system_with_neighbor_lists_transform(
                     get_requested_neighbor_lists(model)
@@ -165,7 +208,9 @@ class Trainer(TrainerInterface[TrainerHypers]):
 
         train_loaders, epoch_samplers = build_train_dataloaders(
             train_datasets=train_datasets,
-            train_distributed_samplers=[None] * len(train_datasets),
+            train_distributed_samplers=distributed.training_samplers(
+                train_datasets, context
+            ),
             collate_fn_train=collate_fn,
             batch_size=self.hypers["batch_size"],
             max_atoms_per_batch=self.hypers["max_atoms_per_batch"],
@@ -173,6 +218,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
             num_workers=num_workers,
         )
         train_loader = CombinedDataLoader(train_loaders, shuffle=True)
+        # validation needs no synchronisation between ranks: each rank evaluates
+        # its own share (no structure twice) and the sums are reduced afterwards
         val_loader = CombinedDataLoader(
             build_val_dataloaders(
                 val_datasets=val_datasets,
@@ -199,6 +246,9 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 scheduler.load_state_dict(self.scheduler_state_dict)
         logging.info(f"Initial learning rate: {optimizer.param_groups[0]['lr']}")
 
+        # gradients are averaged over the ranks during the backward pass
+        network = distributed.data_parallel(model, context)
+
         per_structure = list(self.hypers["per_structure_targets"])
         not_per_atom = ["positions_gradients", *per_structure]
         start_epoch = 0 if self.epoch is None else self.epoch + 1
@@ -216,7 +266,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             per_structure=per_structure,
             not_per_atom=not_per_atom,
             dtype=dtype,
-            device=device,
+            context=context,
             # the scaler's own list of targets that have per-property scales
             scale_properties=any(
                 name in model.scaler.model.multi_property_target_names
@@ -233,7 +283,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 epoch == start_epoch or epoch % self.hypers["log_interval"] == 0
             )
             train_loss, train_metrics_epoch = run_epoch(
-                train_loader, optimizer=optimizer, with_metrics=log_this_epoch
+                train_loader,
+                network=network,
+                optimizer=optimizer,
+                with_metrics=log_this_epoch,
             )
             if log_this_epoch:
                 train_metrics = {"loss": train_loss, **train_metrics_epoch}
@@ -242,7 +295,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
             # baselines that the collate function removed from the targets
             with torch.set_grad_enabled(needs_grad):
                 val_loss, val_metrics = run_epoch(
-                    val_loader, optimizer=None, with_metrics=True
+                    val_loader, network=model, optimizer=None, with_metrics=True
                 )
             val_metrics = {"loss": val_loss, **val_metrics}
             step_scheduler(scheduler, val_loss)
@@ -258,9 +311,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 metric_logger.log(
                     metrics=[train_metrics, val_metrics],
                     epoch=epoch,
+                    rank=context.rank,
                     learning_rate=optimizer.param_groups[0]["lr"],
                 )
 
+            # the metrics are reduced over all ranks: every rank takes the same
+            # decisions
             metric = get_selected_metric(val_metrics, self.hypers["best_model_metric"])
             if metric < self.best_metric:
                 self.best_metric = metric
@@ -272,9 +328,11 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 self.epoch = epoch
                 self.optimizer_state_dict = optimizer.state_dict()
                 self.scheduler_state_dict = scheduler.state_dict()
-                self.save_checkpoint(
-                    model, Path(checkpoint_dir) / f"model_{epoch}.ckpt"
-                )
+                if context.is_main:
+                    self.save_checkpoint(
+                        model, Path(checkpoint_dir) / f"model_{epoch}.ckpt"
+                    )
+                distributed.barrier(context)
 
         self.epoch = epoch if self.hypers["num_epochs"] > start_epoch else self.epoch
         self.optimizer_state_dict = optimizer.state_dict()
@@ -289,15 +347,20 @@ class Trainer(TrainerInterface[TrainerHypers]):
         per_structure: List[str],
         not_per_atom: List[str],
         dtype: torch.dtype,
-        device: torch.device,
+        context: distributed.Context,
         scale_properties: bool,
+        network: torch.nn.Module,
         optimizer: Optional[torch.optim.Optimizer],
         with_metrics: bool,
     ) -> tuple:
         """One pass over ``loader``; trains when ``optimizer`` is given.
 
+        ``network`` computes the predictions: the model itself, or its
+        DistributedDataParallel wrapper for training steps of a distributed run.
         ``scale_properties``: whether a target has per-property scales (those with
-        several properties or blocks; the scales of all others are 1)."""
+        several properties or blocks; the scales of all others are 1). The loss
+        and the metrics returned are sums over all ranks."""
+        device = context.device
         metrics_in_target_units = TargetUnitMetrics(
             model.scaler,
             list(train_targets),
@@ -313,7 +376,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 systems, targets, extra_data, dtype=dtype, device=device
             )
             predictions = evaluate_model(
-                model,
+                network,
                 systems,
                 {name: train_targets[name] for name in targets},
                 is_training=optimizer is not None,
@@ -330,6 +393,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 )
             loss = loss_fn(predictions, targets, extra_data)
             if optimizer is not None:
+                if context.enabled:
+                    # DDP waits for a gradient of every parameter: heads of targets
+                    # absent from this batch get zeros instead of none
+                    loss = loss + 0.0 * sum(
+                        p.sum() for p in model.parameters() if p.requires_grad
+                    )
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(
                     model.parameters(), self.hypers["grad_clip_norm"]
@@ -342,8 +411,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 )
         metrics: Dict[str, Any] = {}
         if with_metrics:
-            metrics = metrics_in_target_units.finalize(not_per_atom, device)
-        return total_loss, metrics
+            metrics = metrics_in_target_units.finalize(
+                not_per_atom, device, is_distributed=context.enabled
+            )
+        return distributed.all_reduce_sum(total_loss, context), metrics
 
     def save_checkpoint(self, model: MetaMACE, path: Union[str, Path]) -> None:
         checkpoint = model.get_checkpoint()
