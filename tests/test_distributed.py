@@ -425,3 +425,31 @@ def test_mtt_train_under_slurm_with_max_atoms(alloy_dir: Path) -> None:
     # the second task logs nothing but errors
     assert "Epoch:" not in outputs[1]
     evaluate(alloy_dir)
+
+
+def test_cuda_processes_use_nccl_and_the_local_gpu(monkeypatch) -> None:
+    """The GPU set-up (NCCL, one GPU per process chosen by the local rank) with
+    torch's CUDA and process-group calls recorded instead of run (no GPU here)."""
+    clear_launch(monkeypatch)
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.update(device=d))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        distributed.dist, "init_process_group", lambda **kw: calls.update(init=kw)
+    )
+    monkeypatch.setattr(
+        distributed.dist, "new_group", lambda **kw: calls.update(group=kw) or "group"
+    )
+    for name, value in {"RANK": "6", "WORLD_SIZE": "8", "LOCAL_RANK": "6"}.items():
+        monkeypatch.setenv(name, value)
+    context = distributed.setup(None, 12345, torch.device("cuda"))
+    assert context.device == torch.device("cuda", 2)
+    assert calls["device"] == torch.device("cuda", 2)
+    assert calls["init"] == {"backend": "nccl", "device_id": torch.device("cuda", 2)}
+    assert calls["group"]["backend"] == "gloo"
+    assert (context.rank, context.world_size, context.launcher) == (6, 8, "torchrun")
+    assert not context.is_main and context.setup_group == "group"
+
+    with pytest.raises(ValueError, match="not on 'mps'"):
+        distributed.setup(None, 12345, torch.device("mps"))
