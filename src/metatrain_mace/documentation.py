@@ -52,6 +52,23 @@ class LossSpecification(TypedDict):
     gradients: NotRequired[Dict[str, LossGradientSpecification]] = {}
 
 
+class EmbeddingSpec(TypedDict):
+    """How MACE embeds one per-structure quantity (an entry of mace-torch's
+    ``embedding_specs``)."""
+
+    type: Literal["categorical", "continuous"]
+    """``categorical``: one learned vector per integer value (charges, spin
+    multiplicities); ``continuous``: a small MLP of the value."""
+    emb_dim: Annotated[int, Ge(1)]
+    """Size of the embedding vector."""
+    num_classes: NotRequired[Annotated[int, Ge(1)]]
+    """Number of integer values a categorical quantity can take: ``value +
+    offset`` must lie in ``[0, num_classes)``."""
+    offset: NotRequired[int]
+    """Added to a categorical value before the lookup (for example 10 for charges
+    from -10 to 10 with ``num_classes: 21``). Default 0."""
+
+
 class HeadsFinetuneConfig(TypedDict):
     """Which modules stay trainable with ``method: heads``."""
 
@@ -200,10 +217,19 @@ class ModelHypers(TypedDict):
     """Irreps of the hidden layer of the last (non-linear) energy readout."""
     radial_MLP: list[int] = [64, 64, 64]
     """Hidden layer widths of the MLP mapping radial features to weights."""
+    embedding_specs: Optional[
+        Dict[Literal["total_charge", "total_spin"], EmbeddingSpec]
+    ] = None
+    """Condition the model on the total charge and/or the spin multiplicity (2S+1)
+    of each structure, as mace-torch's ``embedding_specs`` (MACE-OMOL): each is
+    embedded and added to the element embedding before the first layer. The model
+    then reads the per-system inputs ``charge`` and ``spin_multiplicity`` (from
+    ``extra_data`` in training and ``mtt eval``, from ``atoms.info`` in ASE);
+    structures without them get MACE's defaults 0 and 1. See
+    :ref:`charge-and-spin`. Only per-structure quantities are supported."""
     use_embedding_readout: bool = False
-    """MACE's readout of joint (charge/spin) embeddings. Those embeddings are not
-    exposed by this wrapper, so only ``false`` is accepted when building from
-    hyperparameters."""
+    """Add an energy read out of the charge/spin embedding (MACE's
+    ``use_embedding_readout``); needs ``embedding_specs``."""
     use_last_readout_only: bool = False
     """Read the energy out of the last layer only (instead of summing a readout of
     every layer)."""

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from metatrain_mace.conditioning import check_specs
 from metatrain_mace.mace_import import mace_modules, o3
 
 
@@ -38,6 +39,7 @@ ARCHITECTURE_HYPERS = [
     "gate",
     "MLP_irreps",
     "radial_MLP",
+    "embedding_specs",
     "use_embedding_readout",
     "use_last_readout_only",
     "use_agnostic_product",
@@ -88,11 +90,7 @@ def load_mace_file(path: str) -> torch.nn.Module:
             "written by mace-torch."
         )
     if hasattr(loaded, "joint_embedding"):
-        raise ValueError(
-            f"{str(path)!r} is a MACE model with joint (charge/spin) embeddings, "
-            "which need per-structure inputs metatomic does not provide; "
-            "metatrain-mace cannot use it"
-        )
+        check_specs(dict(loaded.embedding_specs), repr(str(path)))
     return loaded.eval()
 
 

@@ -30,6 +30,7 @@ from metatrain.utils.neighbor_lists import (
 )
 from metatrain.utils.per_atom import average_by_num_atoms
 from metatrain.utils.scaler import get_remove_scale_transform
+from metatrain.utils.system_data import get_system_data_transform
 from metatrain.utils.transfer import batch_to
 
 from metatrain_mace import checkpoints, distributed
@@ -77,6 +78,24 @@ def average_num_neighbors(
     if n_atoms == 0:
         raise ValueError("the training set is empty: no structure to train on")
     return max(n_edges / n_atoms, 1.0)
+
+
+def report_missing_inputs(inputs: List[str], datasets: List[DatasetLike]) -> None:
+    """One log line per per-system input that the datasets do not give: MACE's
+    default (charge 0, spin multiplicity 1) is then used for those structures."""
+    defaults = {"charge": 0, "spin_multiplicity": 1}
+    for name in inputs:
+        missing = [
+            index
+            for index, dataset in enumerate(datasets)
+            if len(dataset) > 0 and name not in dataset[0]._asdict()
+        ]
+        if missing:
+            logging.info(
+                f"'{name}' is not in the 'extra_data' of {len(missing)} of the "
+                f"{len(datasets)} training and validation sets: their structures "
+                f"get MACE's default {name} {defaults.get(name)}"
+            )
 
 
 class Trainer(TrainerInterface[TrainerHypers]):
@@ -192,6 +211,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
         else:
             num_workers = self.hypers["num_workers"]
             validate_num_workers(num_workers)
+        # charge and spin (for models conditioned on them) go from extra_data onto
+        # the systems, where the model reads them
+        inputs = list(model.requested_inputs())
+        report_missing_inputs(inputs, train_datasets + val_datasets)
         train_datasets, val_datasets, collate_fn = prepare_data(
             train_datasets,
             [distributed.shard(dataset, context) for dataset in val_datasets],
@@ -199,6 +222,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 get_system_with_neighbor_lists_transform(
                     get_requested_neighbor_lists(model)
                 ),
+                *([get_system_data_transform(inputs)] if inputs else []),
                 get_remove_additive_transform(additive_models, train_targets),
                 get_remove_scale_transform(scaler),
             ],
