@@ -158,14 +158,19 @@ class ModelHypers(TypedDict):
     mace_model: Optional[str] = None
     """Path to a MACE model file (a whole pickled ``torch.nn.Module`` as written by
     ``mace-torch``) to start from instead of building a new MACE from the
-    hyperparameters below.
+    hyperparameters below, or the name of a MACE foundation model known to
+    mace-torch (``mace_mp:medium-mpa-0``, ``mh-1``, ``mace_off:small``,
+    ``mace_omol:extra_large``; see :ref:`foundation-models`), taken from
+    mace-torch's download cache or downloaded into it.
 
     Model files are pickles: loading one executes code stored in it. Only point this
     at files you trust.
     """
     mace_head_name: Optional[str] = None
     """Head of a multi-head MACE model file to use. Not needed for single-head
-    models."""
+    models; when unset for a multi-head model, the head mace-torch's calculator
+    would use (``omol`` for ``mace_omol`` models, else the head called
+    ``default``), or an error listing the heads."""
     mace_head_target: str = "energy"
     """Target predicted by MACE's own readout (the per-atom energy readouts). Every
     other target gets a head of its own on the MACE node features."""

@@ -108,7 +108,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 )
             self.mace = mace
             self.head_index: int = foundation.select_head(
-                mace, hypers["mace_head_name"]
+                mace,
+                hypers["mace_head_name"],
+                foundation.default_head(hypers["mace_model"]),
             )
             foundation.check_dataset(
                 mace, dataset_info, hypers["mace_model"], self.mace_head_target
