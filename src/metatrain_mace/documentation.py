@@ -256,6 +256,22 @@ class TrainerHypers(TypedDict):
     """Weight decay applied, as in MACE, to the weights of the interaction linears,
     the symmetric products and the heads; never to biases, embeddings, radial MLPs
     and readouts."""
+    frozen_layers: Annotated[int, Ge(0)] = 0
+    """Number of leading MACE layers to keep fixed (fine-tuning): with ``N`` > 0,
+    the element embedding (and the charge/spin embedding), and the interaction and
+    product blocks of the first ``N`` layers are frozen. Readouts and heads stay
+    trainable. Works with full and LoRA fine-tuning (the adapters of frozen layers
+    are frozen too). See :ref:`frozen-layers`."""
+    lr_factors: Dict[
+        Literal["embedding", "interactions", "products", "readouts", "heads"],
+        Annotated[float, Ge(0)],
+    ] = {}
+    """Factors on ``learning_rate`` for the parameters of each block of the model
+    (as mace-torch's ``lr_params_factors``): ``embedding`` (element and
+    charge/spin embeddings), ``interactions``, ``products``, ``readouts`` (MACE's
+    energy readouts) and ``heads`` (the heads of the other targets); 1 for blocks
+    not given. A factor of 0 keeps a block fixed. The learning-rate schedule
+    scales all blocks alike."""
     amsgrad: bool = True
     """Use the AMSGrad variant of Adam."""
     beta: Annotated[float, Ge(0)] = 0.9

@@ -41,7 +41,14 @@ from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
 from metatrain_mace.metrics import TargetUnitMetrics
 from metatrain_mace.model import MetaMACE
-from metatrain_mace.optimization import build_optimizer, build_scheduler, step_scheduler
+from metatrain_mace.optimization import (
+    base_learning_rate,
+    build_optimizer,
+    build_scheduler,
+    freeze_layers,
+    same_layout,
+    step_scheduler,
+)
 
 
 DatasetLike = Union[Dataset, torch.utils.data.Subset]
@@ -262,13 +269,22 @@ class Trainer(TrainerInterface[TrainerHypers]):
         for name, info in loss_fn.metadata.items():
             logging.info(f"  {name}: {info}")
 
+        freeze_layers(model, self.hypers["frozen_layers"])
         optimizer = build_optimizer(model, self.hypers)
         scheduler = build_scheduler(optimizer, self.hypers)
         if self.optimizer_state_dict is not None and not model.has_new_targets:
-            optimizer.load_state_dict(self.optimizer_state_dict)
-            if self.scheduler_state_dict is not None:
-                scheduler.load_state_dict(self.scheduler_state_dict)
-        logging.info(f"Initial learning rate: {optimizer.param_groups[0]['lr']}")
+            if same_layout(optimizer, self.optimizer_state_dict):
+                optimizer.load_state_dict(self.optimizer_state_dict)
+                if self.scheduler_state_dict is not None:
+                    scheduler.load_state_dict(self.scheduler_state_dict)
+            else:
+                logging.warning(
+                    "The optimizer state of the checkpoint has other parameter "
+                    "groups (an older checkpoint, or changed 'frozen_layers', "
+                    "'lr_factors' or fine-tuning): the optimizer and the learning "
+                    "rate schedule start afresh"
+                )
+        logging.info(f"Initial learning rate: {base_learning_rate(optimizer)}")
 
         # gradients are averaged over the ranks during the backward pass
         network = distributed.data_parallel(model, context)
@@ -336,7 +352,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                     metrics=[train_metrics, val_metrics],
                     epoch=epoch,
                     rank=context.rank,
-                    learning_rate=optimizer.param_groups[0]["lr"],
+                    learning_rate=base_learning_rate(optimizer),
                 )
 
             # the metrics are reduced over all ranks: every rank takes the same
