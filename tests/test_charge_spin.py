@@ -371,3 +371,38 @@ def test_finetuning_a_conditioned_file(files, tmp_path: Path, method: str) -> No
     neutral = evaluate(calculator, atoms, 0, 1)[0]
     cation = evaluate(calculator, atoms, 1, 2)[0]
     assert np.isfinite(neutral) and abs(cation - neutral) > 1e-4
+
+
+def test_training_data_the_model_cannot_embed(files, tmp_path: Path) -> None:
+    """A charge outside the file's table in the training data is refused before
+    training, naming the dataset and the structure."""
+    path = charged_molecules(tmp_path / "data.xyz", n=6)
+    frames = ase.io.read(path, ":")
+    frames[4].info["charge"] = 12
+    ase.io.write(path, frames, format="extxyz")
+    dataset, info = dataset_with_charges(path)
+    hypers = get_default_hypers("experimental.mace")
+    model = MetaMACE({**hypers["model"], "mace_model": str(files["categorical"])}, info)
+    training = {**hypers["training"], "num_epochs": 1, "batch_size": 2}
+    training["loss"] = {
+        "energy": {
+            "type": "mse",
+            "weight": 1.0,
+            "reduction": "mean",
+            "gradients": {
+                "positions": {"type": "mse", "weight": 1.0, "reduction": "mean"}
+            },
+        }
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"training set 0, structure 4: charge = 12 cannot be embedded",
+    ):
+        Trainer(training).train(
+            model,
+            torch.float64,
+            [torch.device("cpu")],
+            [dataset],
+            [dataset],
+            str(tmp_path),
+        )

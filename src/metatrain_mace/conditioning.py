@@ -140,3 +140,34 @@ class SystemConditioning(torch.nn.Module):
                 embedded = embedder(values.to(dtype).unsqueeze(-1))
             embeddings.append(embedded.index_select(0, system_index))
         return self.project(torch.cat(embeddings, dim=-1))
+
+
+def check_dataset_values(
+    conditioning: SystemConditioning, datasets: List[Any], split: str
+) -> None:
+    """Refuse, before training, charges and spins that the model cannot embed,
+    naming the dataset and the structure (the forward pass would only name the
+    position in a batch)."""
+    for d, dataset in enumerate(datasets):
+        if len(dataset) == 0:
+            continue
+        fields = dataset[0]._asdict()
+        for name, key in conditioning.inputs.items():
+            if key not in fields or not conditioning.categorical[name]:
+                continue
+            values = torch.tensor(
+                [
+                    float(dataset[i][key].block().values.reshape(-1)[0])
+                    for i in range(len(dataset))
+                ],
+                dtype=torch.float64,
+            )
+            values = torch.where(
+                torch.isnan(values), torch.full_like(values, DEFAULTS[name]), values
+            )
+            try:
+                conditioning.classes(values, name)
+            except ValueError as error:
+                raise ValueError(
+                    f"{split} set {d}, structure {str(error)[len('system ') :]}"
+                ) from None

@@ -36,6 +36,7 @@ from metatrain.utils.transfer import batch_to
 from metatrain_mace import checkpoints, distributed
 from metatrain_mace._version import __version__
 from metatrain_mace.baselines import fit_baselines
+from metatrain_mace.conditioning import check_dataset_values
 from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
@@ -222,6 +223,9 @@ class Trainer(TrainerInterface[TrainerHypers]):
         # the systems, where the model reads them
         inputs = list(model.requested_inputs())
         report_missing_inputs(inputs, train_datasets + val_datasets)
+        if hasattr(model, "conditioning"):
+            check_dataset_values(model.conditioning, train_datasets, "training")
+            check_dataset_values(model.conditioning, val_datasets, "validation")
         train_datasets, val_datasets, collate_fn = prepare_data(
             train_datasets,
             [distributed.shard(dataset, context) for dataset in val_datasets],
