@@ -16,6 +16,28 @@ from mace import modules
 
 ELEMENTS = [1, 6, 8, 13, 29, 79]
 
+# MACE-OMOL-style conditioning: charges -10..10 and multiplicities 1..11 as lookups
+CHARGE_SPIN_SPECS = {
+    "total_charge": {
+        "type": "categorical",
+        "per": "graph",
+        "emb_dim": 8,
+        "num_classes": 21,
+        "offset": 10,
+    },
+    "total_spin": {
+        "type": "categorical",
+        "per": "graph",
+        "emb_dim": 8,
+        "num_classes": 11,
+        "offset": 0,
+    },
+}
+# the charge as a continuous quantity (a small MLP of the value)
+CONTINUOUS_CHARGE_SPECS = {
+    "total_charge": {"type": "continuous", "per": "graph", "emb_dim": 4, "in_dim": 1}
+}
+
 
 def build_mace_model(
     scale_shift: bool = True,
@@ -25,8 +47,12 @@ def build_mace_model(
     dtype: torch.dtype = torch.float64,
     seed: int = 0,
     r_max: float = 4.5,
+    embedding_specs: Optional[dict] = None,
+    use_embedding_readout: bool = False,
 ) -> torch.nn.Module:
-    """A small MACE model with random weights and non-trivial E0s, scale and shift."""
+    """A small MACE model with random weights and non-trivial E0s, scale and shift
+    (and, with ``embedding_specs``, conditioned on total charge and spin as
+    MACE-OMOL is)."""
     n_heads = 1 if heads is None else len(heads)
     generator = np.random.default_rng(seed)
     energies = generator.uniform(-5.0, -0.5, size=(n_heads, len(atomic_numbers)))
@@ -58,6 +84,9 @@ def build_mace_model(
             radial_MLP=[16, 16],
             heads=heads,
         )
+        if embedding_specs is not None:
+            kwargs["embedding_specs"] = embedding_specs
+            kwargs["use_embedding_readout"] = use_embedding_readout
         if scale_shift:
             scale = [0.8 + 0.3 * i for i in range(n_heads)]
             shift = [0.1 - 0.2 * i for i in range(n_heads)]

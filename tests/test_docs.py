@@ -29,6 +29,7 @@ PAGES = [
     "outputs",
     "foundation-models",
     "finetuning",
+    "charge-spin",
     "training-at-scale",
     "engines",
     "troubleshooting",

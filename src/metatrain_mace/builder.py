@@ -1,11 +1,12 @@
 """Build ``mace.modules.MACE`` from the model hyperparameters, with clear errors."""
 
 import contextlib
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
+from metatrain_mace.conditioning import check_specs
 from metatrain_mace.mace_import import mace_modules, o3
 
 
@@ -54,11 +55,37 @@ def check_model_hypers(hypers: Dict[str, Any]) -> None:
         )
     if hypers["edge_irreps"] is not None:
         parse_irreps("edge_irreps", hypers["edge_irreps"])
-    if hypers["use_embedding_readout"]:
+    if hypers["use_embedding_readout"] and not hypers["embedding_specs"]:
         raise ValueError(
-            "'use_embedding_readout: true' needs MACE joint (charge/spin) embeddings, "
-            "which metatrain-mace does not build; set it to false"
+            "'use_embedding_readout: true' reads an energy out of the charge/spin "
+            "embedding: set 'embedding_specs' too, or set it to false"
         )
+    specs = embedding_specs(hypers)
+    if specs is not None:
+        check_specs(specs, "'embedding_specs'")
+        for name, spec in specs.items():
+            if spec["type"] == "categorical" and "num_classes" not in spec:
+                raise ValueError(
+                    f"'embedding_specs' -> {name}: a categorical embedding needs "
+                    "'num_classes' (and usually 'offset'), e.g. num_classes: 21, "
+                    "offset: 10 for charges from -10 to 10"
+                )
+
+
+def embedding_specs(hypers: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """mace-torch's ``embedding_specs`` from the ``embedding_specs`` hyper (every
+    quantity per structure, categorical offsets defaulting to 0)."""
+    if not hypers.get("embedding_specs"):
+        return None
+    specs: Dict[str, Any] = {}
+    for name, spec in hypers["embedding_specs"].items():
+        spec = {"per": "graph", **dict(spec)}
+        if spec["type"] == "categorical":
+            spec.setdefault("offset", 0)
+        else:
+            spec["in_dim"] = 1
+        specs[name] = spec
+    return specs
 
 
 @contextlib.contextmanager
@@ -109,7 +136,8 @@ def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Modu
             apply_cutoff=hypers["apply_cutoff"],
             use_agnostic_product=hypers["use_agnostic_product"],
             use_last_readout_only=hypers["use_last_readout_only"],
-            use_embedding_readout=False,
+            embedding_specs=embedding_specs(hypers),
+            use_embedding_readout=hypers["use_embedding_readout"],
             distance_transform=hypers["distance_transform"],
             edge_irreps=None if edge_irreps is None else o3.Irreps(edge_irreps),
             radial_MLP=list(hypers["radial_MLP"]),

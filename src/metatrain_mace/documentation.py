@@ -52,6 +52,23 @@ class LossSpecification(TypedDict):
     gradients: NotRequired[Dict[str, LossGradientSpecification]] = {}
 
 
+class EmbeddingSpec(TypedDict):
+    """How MACE embeds one per-structure quantity (an entry of mace-torch's
+    ``embedding_specs``)."""
+
+    type: Literal["categorical", "continuous"]
+    """``categorical``: one learned vector per integer value (charges, spin
+    multiplicities); ``continuous``: a small MLP of the value."""
+    emb_dim: Annotated[int, Ge(1)]
+    """Size of the embedding vector."""
+    num_classes: NotRequired[Annotated[int, Ge(1)]]
+    """Number of integer values a categorical quantity can take: ``value +
+    offset`` must lie in ``[0, num_classes)``."""
+    offset: NotRequired[int]
+    """Added to a categorical value before the lookup (for example 10 for charges
+    from -10 to 10 with ``num_classes: 21``). Default 0."""
+
+
 class HeadsFinetuneConfig(TypedDict):
     """Which modules stay trainable with ``method: heads``."""
 
@@ -141,14 +158,19 @@ class ModelHypers(TypedDict):
     mace_model: Optional[str] = None
     """Path to a MACE model file (a whole pickled ``torch.nn.Module`` as written by
     ``mace-torch``) to start from instead of building a new MACE from the
-    hyperparameters below.
+    hyperparameters below, or the name of a MACE foundation model known to
+    mace-torch (``mace_mp:medium-mpa-0``, ``mh-1``, ``mace_off:small``,
+    ``mace_omol:extra_large``; see :ref:`foundation-models`), taken from
+    mace-torch's download cache or downloaded into it.
 
     Model files are pickles: loading one executes code stored in it. Only point this
     at files you trust.
     """
     mace_head_name: Optional[str] = None
     """Head of a multi-head MACE model file to use. Not needed for single-head
-    models."""
+    models; when unset for a multi-head model, the head mace-torch's calculator
+    would use (``omol`` for ``mace_omol`` models, else the head called
+    ``default``), or an error listing the heads."""
     mace_head_target: str = "energy"
     """Target predicted by MACE's own readout (the per-atom energy readouts). Every
     other target gets a head of its own on the MACE node features."""
@@ -200,10 +222,19 @@ class ModelHypers(TypedDict):
     """Irreps of the hidden layer of the last (non-linear) energy readout."""
     radial_MLP: list[int] = [64, 64, 64]
     """Hidden layer widths of the MLP mapping radial features to weights."""
+    embedding_specs: Optional[
+        Dict[Literal["total_charge", "total_spin"], EmbeddingSpec]
+    ] = None
+    """Condition the model on the total charge and/or the spin multiplicity (2S+1)
+    of each structure, as mace-torch's ``embedding_specs`` (MACE-OMOL): each is
+    embedded and added to the element embedding before the first layer. The model
+    then reads the per-system inputs ``charge`` and ``spin_multiplicity`` (from
+    ``extra_data`` in training and ``mtt eval``, from ``atoms.info`` in ASE);
+    structures without them get MACE's defaults 0 and 1. See
+    :ref:`charge-and-spin`. Only per-structure quantities are supported."""
     use_embedding_readout: bool = False
-    """MACE's readout of joint (charge/spin) embeddings. Those embeddings are not
-    exposed by this wrapper, so only ``false`` is accepted when building from
-    hyperparameters."""
+    """Add an energy read out of the charge/spin embedding (MACE's
+    ``use_embedding_readout``); needs ``embedding_specs``."""
     use_last_readout_only: bool = False
     """Read the energy out of the last layer only (instead of summing a readout of
     every layer)."""
@@ -225,6 +256,22 @@ class TrainerHypers(TypedDict):
     """Weight decay applied, as in MACE, to the weights of the interaction linears,
     the symmetric products and the heads; never to biases, embeddings, radial MLPs
     and readouts."""
+    frozen_layers: Annotated[int, Ge(0)] = 0
+    """Number of leading MACE layers to keep fixed (fine-tuning): with ``N`` > 0,
+    the element embedding (and the charge/spin embedding), and the interaction and
+    product blocks of the first ``N`` layers are frozen. Readouts and heads stay
+    trainable. Works with full and LoRA fine-tuning (the adapters of frozen layers
+    are frozen too). See :ref:`frozen-layers`."""
+    lr_factors: Dict[
+        Literal["embedding", "interactions", "products", "readouts", "heads"],
+        Annotated[float, Ge(0)],
+    ] = {}
+    """Factors on ``learning_rate`` for the parameters of each block of the model
+    (as mace-torch's ``lr_params_factors``): ``embedding`` (element and
+    charge/spin embeddings), ``interactions``, ``products``, ``readouts`` (MACE's
+    energy readouts) and ``heads`` (the heads of the other targets); 1 for blocks
+    not given. A factor of 0 keeps a block fixed. The learning-rate schedule
+    scales all blocks alike."""
     amsgrad: bool = True
     """Use the AMSGrad variant of Adam."""
     beta: Annotated[float, Ge(0)] = 0.9

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from metatrain_mace import foundation_names
+from metatrain_mace.conditioning import check_specs
 from metatrain_mace.mace_import import mace_modules, o3
 
 
@@ -38,6 +40,7 @@ ARCHITECTURE_HYPERS = [
     "gate",
     "MLP_irreps",
     "radial_MLP",
+    "embedding_specs",
     "use_embedding_readout",
     "use_last_readout_only",
     "use_agnostic_product",
@@ -52,6 +55,8 @@ def load_mace_file(path: str) -> torch.nn.Module:
     :raises ValueError: when the file does not hold a MACE model.
     """
     file = Path(path)
+    if not file.is_file() and foundation_names.looks_like_a_name(str(path)):
+        file = foundation_names.fetch(foundation_names.resolve(str(path)))
     if not file.is_file():
         raise FileNotFoundError(
             f"MACE model file {str(path)!r} does not exist (from 'mace_model'); give "
@@ -88,11 +93,7 @@ def load_mace_file(path: str) -> torch.nn.Module:
             "written by mace-torch."
         )
     if hasattr(loaded, "joint_embedding"):
-        raise ValueError(
-            f"{str(path)!r} is a MACE model with joint (charge/spin) embeddings, "
-            "which need per-structure inputs metatomic does not provide; "
-            "metatrain-mace cannot use it"
-        )
+        check_specs(dict(loaded.embedding_specs), repr(str(path)))
     return loaded.eval()
 
 
@@ -104,12 +105,38 @@ def head_names(mace: torch.nn.Module) -> List[str]:
     return [str(head) for head in heads]
 
 
-def select_head(mace: torch.nn.Module, head_name: Optional[str]) -> int:
-    """Index of the head named ``head_name`` (``None`` only for single-head files)."""
+def default_head(mace_model: Optional[str]) -> Optional[str]:
+    """The head mace-torch's calculator function picks for a model given by name
+    (``omol`` for MACE-OMOL), None otherwise."""
+    if mace_model is None or Path(mace_model).is_file():
+        return None
+    if not foundation_names.looks_like_a_name(mace_model):
+        return None
+    try:
+        model = foundation_names.lookup(mace_model)
+    except ValueError:
+        return None
+    return None if model is None else model.head
+
+
+def select_head(
+    mace: torch.nn.Module, head_name: Optional[str], default: Optional[str] = None
+) -> int:
+    """Index of the head named ``head_name``.
+
+    Without a name, as mace-torch's calculators choose: ``default`` (the head of a
+    named foundation model), the only head, or the head called "default"."""
     names = head_names(mace)
     if head_name is None:
         if len(names) == 1:
             return 0
+        candidates = [n for n in names if n == default or n.lower() == "default"]
+        if candidates:
+            logging.info(
+                f"Using the head {candidates[0]!r} of the MACE model (heads "
+                f"{names}; choose another with 'mace_head_name')"
+            )
+            return names.index(candidates[0])
         raise ValueError(
             f"the MACE model has several heads {names}: choose one with "
             "'mace_head_name' (or --head)"

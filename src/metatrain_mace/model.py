@@ -32,6 +32,7 @@ from metatrain_mace.builder import (
     node_feature_irreps,
     set_avg_num_neighbors,
 )
+from metatrain_mace.conditioning import SystemConditioning
 from metatrain_mace.documentation import ModelHypers
 from metatrain_mace.features import IrrepGather, SphericalFeatures
 from metatrain_mace.heads import (
@@ -107,7 +108,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 )
             self.mace = mace
             self.head_index: int = foundation.select_head(
-                mace, hypers["mace_head_name"]
+                mace,
+                hypers["mace_head_name"],
+                foundation.default_head(hypers["mace_model"]),
             )
             foundation.check_dataset(
                 mace, dataset_info, hypers["mace_model"], self.mace_head_target
@@ -121,6 +124,18 @@ class MetaMACE(ModelInterface[ModelHypers]):
             self.head_index = 0
             avg = self.hypers["avg_num_neighbors"]
             avg_num_neighbors = 0.0 if avg is None else float(avg)
+
+        # total charge and spin of each structure (MACE-OMOL-style models)
+        self.embedding_energy_factor = 1.0
+        if hasattr(self.mace, "joint_embedding"):
+            self.conditioning = SystemConditioning(
+                self.mace.joint_embedding, dict(self.mace.embedding_specs)
+            )
+            if self.from_file:
+                # MACE adds the energy of its embedding readout unscaled, while
+                # metatrain's scaler multiplies the readouts by the file's scale
+                _, scale = foundation.energy_baseline(self.mace, self.head_index)
+                self.embedding_energy_factor = 1.0 / scale
 
         # a faster backward pass for the e3nn tensor products (same values)
         split_tensor_product_inputs(self.mace)
@@ -299,6 +314,16 @@ class MetaMACE(ModelInterface[ModelHypers]):
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.nl_options]
 
+    def requested_inputs(self) -> Dict[str, ModelOutput]:
+        """Per-system inputs: ``charge`` and ``spin_multiplicity`` for a MACE
+        conditioned on them (see :mod:`metatrain_mace.conditioning`)."""
+        if not hasattr(self, "conditioning"):
+            return {}
+        return {
+            name: ModelOutput(unit="", sample_kind="system")
+            for name in self.conditioning.inputs.values()
+        }
+
     def restart(
         self, dataset_info: DatasetInfo, model_hypers: Optional[Dict[str, Any]] = None
     ) -> "MetaMACE":
@@ -353,10 +378,18 @@ class MetaMACE(ModelInterface[ModelHypers]):
         set_avg_num_neighbors(self.mace, float(value))
 
     def _node_features(
-        self, node_attrs: torch.Tensor, edge_index: torch.Tensor, vectors: torch.Tensor
+        self,
+        node_attrs: torch.Tensor,
+        edge_index: torch.Tensor,
+        vectors: torch.Tensor,
+        conditioning: Optional[torch.Tensor] = None,
     ) -> List[torch.Tensor]:
+        """Node features of every layer; ``conditioning`` (per-atom embedding of
+        charge and spin) is added to the embedding of the elements, as in MACE."""
         lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
         node_feats = self.mace.node_embedding(node_attrs)
+        if conditioning is not None:
+            node_feats = node_feats + conditioning
         edge_attrs = self.mace.spherical_harmonics(vectors)
         edge_feats, cutoff = self.mace.radial_embedding(
             lengths, node_attrs, edge_index, self.mace.atomic_numbers
@@ -385,6 +418,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         edge_index: torch.Tensor,
         vectors: torch.Tensor,
         with_features: bool,
+        conditioning: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-atom energy of MACE's readouts, and the readouts' last-layer features
         (computed only ``with_features``, else an empty tensor)."""
@@ -405,6 +439,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     )
                 else:
                     last_layer.append(features[layer][:, : self.layer_scalars[layer]])
+        if hasattr(self.mace, "embedding_readout") and conditioning is not None:
+            embedded = self.mace.node_embedding(node_attrs) + conditioning
+            embedding_energy = self.mace.embedding_readout(embedded, node_heads)
+            energy = energy + self.embedding_energy_factor * embedding_energy[
+                :, self.head_index
+            ].reshape(-1)
         if hasattr(self.mace, "pair_repulsion_fn"):
             lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
             energy = energy + self.mace.pair_repulsion_fn(
@@ -524,7 +564,10 @@ class MetaMACE(ModelInterface[ModelHypers]):
         # the node features follow the real spherical harmonics convention of
         # metatensor (m = -l..l with z as polar axis)
         vectors = vectors[:, [1, 2, 0]]
-        features = self._node_features(node_attrs, edge_index, vectors)
+        conditioning: Optional[torch.Tensor] = None
+        if hasattr(self, "conditioning"):
+            conditioning = self.conditioning(systems, system_index, vectors.dtype)
+        features = self._node_features(node_attrs, edge_index, vectors, conditioning)
         samples = Labels(
             ["system", "atom"],
             torch.stack([system_index, atom_index], dim=1).to(torch.int32),
@@ -559,7 +602,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
             head_target in outputs or head_llf in outputs
         ):
             energy, llf = self._mace_energy(
-                features, node_attrs, edge_index, vectors, head_llf in outputs
+                features,
+                node_attrs,
+                edge_index,
+                vectors,
+                head_llf in outputs,
+                conditioning,
             )
             if head_target in outputs:
                 result[head_target] = self._as_tensor_map(
@@ -726,7 +774,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         first; e3nn modules cannot be scripted directly. The copy shares the
         parameters and leaves this model usable in eager mode.
         """
-        return compiled_copy(self)
+        return compiled_copy(self, drop=[("mace", "joint_embedding")])
 
     def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
         dtype = next(self.parameters()).dtype

@@ -2,10 +2,13 @@
 
 The parameter groups follow MACE's training recipe: weight decay on the weights of
 the interaction linears, the symmetric products and the heads; none on embeddings,
-radial MLPs, readouts and biases.
+radial MLPs, readouts and biases. Each block of the model (embedding, interactions,
+products, readouts, heads) has its own groups, so that its learning rate can be
+scaled (``lr_factors``); leading layers can be frozen (``frozen_layers``).
 """
 
-from typing import Any, Dict, List, Union
+import logging
+from typing import Any, Dict, List, Tuple, Union
 
 import torch
 
@@ -27,19 +30,99 @@ def _decays(name: str) -> bool:
     return name.startswith("heads.")
 
 
+BLOCKS = ("embedding", "interactions", "products", "readouts", "heads")
+
+
+def block_of(name: str) -> str:
+    """The block (one of :data:`BLOCKS`, or ``other``) a parameter belongs to."""
+    if name.startswith(
+        ("mace.node_embedding.", "mace.joint_embedding.", "conditioning.")
+    ):
+        return "embedding"
+    if name.startswith("mace.interactions."):
+        return "interactions"
+    if name.startswith("mace.products."):
+        return "products"
+    if name.startswith(("mace.readouts.", "mace.embedding_readout.")):
+        return "readouts"
+    if name.startswith("heads."):
+        return "heads"
+    return "other"
+
+
+def freeze_layers(model: torch.nn.Module, n_layers: int) -> List[str]:
+    """Freeze the embeddings and the interaction and product blocks of the first
+    ``n_layers`` MACE layers (``requires_grad = False``).
+
+    :return: the names of the parameters frozen here.
+    """
+    if n_layers == 0:
+        return []
+    available = len(model.mace.interactions)
+    if n_layers > available:
+        raise ValueError(
+            f"'frozen_layers' is {n_layers}, but the MACE model has {available} "
+            f"layers: use at most {available}"
+        )
+    prefixes: Tuple[str, ...] = ("mace.node_embedding.", "mace.joint_embedding.")
+    for i in range(n_layers):
+        prefixes += (f"mace.interactions.{i}.", f"mace.products.{i}.")
+    frozen: List[str] = []
+    for name, parameter in model.named_parameters():
+        if name.startswith(prefixes) and parameter.requires_grad:
+            parameter.requires_grad_(False)
+            frozen.append(name)
+    logging.info(
+        f"Frozen: the embeddings and the first {n_layers} of {available} MACE "
+        f"layers ({len(frozen)} parameter tensors)"
+    )
+    return frozen
+
+
 def parameter_groups(
-    model: torch.nn.Module, weight_decay: float
+    model: torch.nn.Module,
+    weight_decay: float,
+    learning_rate: float,
+    lr_factors: Dict[str, float],
 ) -> List[Dict[str, Any]]:
-    """Trainable parameters split into a decayed and a non-decayed group."""
-    decay: List[torch.nn.Parameter] = []
-    no_decay: List[torch.nn.Parameter] = []
+    """Trainable parameters in groups per block and per weight decay, with the
+    block's learning rate (``learning_rate * lr_factors[block]``; factor 1 when
+    not given). The factor is kept in each group as ``lr_factor``."""
+    groups: Dict[Tuple[str, bool], List[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        (decay if _decays(name) else no_decay).append(parameter)
-    return [
-        {"name": "decay", "params": decay, "weight_decay": weight_decay},
-        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        groups.setdefault((block_of(name), _decays(name)), []).append(parameter)
+    result = []
+    for (block, decays), parameters in groups.items():
+        factor = float(lr_factors.get(block, 1.0))
+        result.append(
+            {
+                "name": f"{block}/{'decay' if decays else 'no_decay'}",
+                "params": parameters,
+                "weight_decay": weight_decay if decays else 0.0,
+                "lr": learning_rate * factor,
+                "lr_factor": factor,
+            }
+        )
+    return result
+
+
+def base_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate before the per-block factors (what the schedule sets)."""
+    for group in optimizer.param_groups:
+        if group.get("lr_factor", 1.0) > 0:
+            return group["lr"] / group.get("lr_factor", 1.0)
+    return 0.0
+
+
+def same_layout(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> bool:
+    """Whether a saved optimizer state has the groups of ``optimizer``."""
+    saved = state.get("param_groups", [])
+    return [g.get("name") for g in saved] == [
+        g.get("name") for g in optimizer.param_groups
+    ] and [len(g["params"]) for g in saved] == [
+        len(g["params"]) for g in optimizer.param_groups
     ]
 
 
@@ -52,7 +135,9 @@ def build_optimizer(
     CUDA); it computes the same update as the per-parameter loop, several times
     faster for MACE's many small parameter tensors.
     """
-    groups = parameter_groups(model, hypers["weight_decay"])
+    groups = parameter_groups(
+        model, hypers["weight_decay"], hypers["learning_rate"], hypers["lr_factors"]
+    )
     kwargs = {
         "lr": hypers["learning_rate"],
         "amsgrad": hypers["amsgrad"],

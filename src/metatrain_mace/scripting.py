@@ -8,6 +8,7 @@ module objects and new ``Parameter`` objects sharing the storage of the original
 """
 
 import copy
+from typing import Sequence, Tuple
 
 import torch
 
@@ -38,6 +39,19 @@ def tree_copy(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
-def compiled_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A :func:`tree_copy` of ``module`` with its e3nn submodules compiled."""
-    return e3nn_jit.compile(tree_copy(module), in_place=True)
+def compiled_copy(
+    module: torch.nn.Module, drop: Sequence[Tuple[str, str]] = ()
+) -> torch.nn.Module:
+    """A :func:`tree_copy` of ``module`` with its e3nn submodules compiled.
+
+    :param drop: ``(submodule, attribute)`` pairs removed from the copy before it
+        is compiled: modules whose code TorchScript cannot compile and whose work
+        is done by other modules of the copy (mace-torch's ``joint_embedding``,
+        replaced by :class:`metatrain_mace.conditioning.SystemConditioning`).
+    """
+    new = tree_copy(module)
+    for path, name in drop:
+        owner = new.get_submodule(path)
+        if hasattr(owner, name):
+            delattr(owner, name)
+    return e3nn_jit.compile(new, in_place=True)

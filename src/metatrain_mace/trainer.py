@@ -30,17 +30,26 @@ from metatrain.utils.neighbor_lists import (
 )
 from metatrain.utils.per_atom import average_by_num_atoms
 from metatrain.utils.scaler import get_remove_scale_transform
+from metatrain.utils.system_data import get_system_data_transform
 from metatrain.utils.transfer import batch_to
 
 from metatrain_mace import checkpoints, distributed
 from metatrain_mace._version import __version__
 from metatrain_mace.baselines import fit_baselines
+from metatrain_mace.conditioning import check_dataset_values
 from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
 from metatrain_mace.metrics import TargetUnitMetrics
 from metatrain_mace.model import MetaMACE
-from metatrain_mace.optimization import build_optimizer, build_scheduler, step_scheduler
+from metatrain_mace.optimization import (
+    base_learning_rate,
+    build_optimizer,
+    build_scheduler,
+    freeze_layers,
+    same_layout,
+    step_scheduler,
+)
 
 
 DatasetLike = Union[Dataset, torch.utils.data.Subset]
@@ -77,6 +86,24 @@ def average_num_neighbors(
     if n_atoms == 0:
         raise ValueError("the training set is empty: no structure to train on")
     return max(n_edges / n_atoms, 1.0)
+
+
+def report_missing_inputs(inputs: List[str], datasets: List[DatasetLike]) -> None:
+    """One log line per per-system input that the datasets do not give: MACE's
+    default (charge 0, spin multiplicity 1) is then used for those structures."""
+    defaults = {"charge": 0, "spin_multiplicity": 1}
+    for name in inputs:
+        missing = [
+            index
+            for index, dataset in enumerate(datasets)
+            if len(dataset) > 0 and name not in dataset[0]._asdict()
+        ]
+        if missing:
+            logging.info(
+                f"'{name}' is not in the 'extra_data' of {len(missing)} of the "
+                f"{len(datasets)} training and validation sets: their structures "
+                f"get MACE's default {name} {defaults.get(name)}"
+            )
 
 
 class Trainer(TrainerInterface[TrainerHypers]):
@@ -192,6 +219,13 @@ class Trainer(TrainerInterface[TrainerHypers]):
         else:
             num_workers = self.hypers["num_workers"]
             validate_num_workers(num_workers)
+        # charge and spin (for models conditioned on them) go from extra_data onto
+        # the systems, where the model reads them
+        inputs = list(model.requested_inputs())
+        report_missing_inputs(inputs, train_datasets + val_datasets)
+        if hasattr(model, "conditioning"):
+            check_dataset_values(model.conditioning, train_datasets, "training")
+            check_dataset_values(model.conditioning, val_datasets, "validation")
         train_datasets, val_datasets, collate_fn = prepare_data(
             train_datasets,
             [distributed.shard(dataset, context) for dataset in val_datasets],
@@ -199,6 +233,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 get_system_with_neighbor_lists_transform(
                     get_requested_neighbor_lists(model)
                 ),
+                *([get_system_data_transform(inputs)] if inputs else []),
                 get_remove_additive_transform(additive_models, train_targets),
                 get_remove_scale_transform(scaler),
             ],
@@ -238,13 +273,22 @@ class Trainer(TrainerInterface[TrainerHypers]):
         for name, info in loss_fn.metadata.items():
             logging.info(f"  {name}: {info}")
 
+        freeze_layers(model, self.hypers["frozen_layers"])
         optimizer = build_optimizer(model, self.hypers)
         scheduler = build_scheduler(optimizer, self.hypers)
         if self.optimizer_state_dict is not None and not model.has_new_targets:
-            optimizer.load_state_dict(self.optimizer_state_dict)
-            if self.scheduler_state_dict is not None:
-                scheduler.load_state_dict(self.scheduler_state_dict)
-        logging.info(f"Initial learning rate: {optimizer.param_groups[0]['lr']}")
+            if same_layout(optimizer, self.optimizer_state_dict):
+                optimizer.load_state_dict(self.optimizer_state_dict)
+                if self.scheduler_state_dict is not None:
+                    scheduler.load_state_dict(self.scheduler_state_dict)
+            else:
+                logging.warning(
+                    "The optimizer state of the checkpoint has other parameter "
+                    "groups (an older checkpoint, or changed 'frozen_layers', "
+                    "'lr_factors' or fine-tuning): the optimizer and the learning "
+                    "rate schedule start afresh"
+                )
+        logging.info(f"Initial learning rate: {base_learning_rate(optimizer)}")
 
         # gradients are averaged over the ranks during the backward pass
         network = distributed.data_parallel(model, context)
@@ -312,7 +356,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                     metrics=[train_metrics, val_metrics],
                     epoch=epoch,
                     rank=context.rank,
-                    learning_rate=optimizer.param_groups[0]["lr"],
+                    learning_rate=base_learning_rate(optimizer),
                 )
 
             # the metrics are reduced over all ranks: every rank takes the same
