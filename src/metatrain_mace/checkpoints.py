@@ -2,7 +2,9 @@
 
 Each entry of ``MODEL_UPDATES`` / ``TRAINER_UPDATES`` maps version ``v`` to a
 function updating a checkpoint dict from ``v`` to ``v + 1`` in place. Version 1 is
-the first published format; model version 2 adds ``model_data["mace_trunk"]``.
+the first published format; model version 2 adds ``model_data["mace_trunk"]``,
+model version 3 the ``embedding_specs`` hyper, trainer version 2 the
+``frozen_layers`` and ``lr_factors`` hypers.
 """
 
 from typing import Any, Callable, Dict
@@ -16,8 +18,26 @@ def _model_v1_to_v2(checkpoint: Dict[str, Any]) -> None:
     checkpoint["model_data"]["mace_trunk"] = None
 
 
-MODEL_UPDATES: Dict[int, Update] = {1: _model_v1_to_v2}
-TRAINER_UPDATES: Dict[int, Update] = {}
+def _model_v2_to_v3(checkpoint: Dict[str, Any]) -> None:
+    """v3 has the ``embedding_specs`` hyper (charge/spin conditioning; none
+    before)."""
+    for key in ("model_data",):
+        hypers = checkpoint.get(key, {}).get("model_hypers")
+        if hypers is not None:
+            hypers.setdefault("embedding_specs", None)
+
+
+def _trainer_v1_to_v2(checkpoint: Dict[str, Any]) -> None:
+    """v2 has ``frozen_layers`` and ``lr_factors``, and one optimizer group per
+    block (a v1 optimizer state is reset on restart, with a warning)."""
+    hypers = checkpoint.get("train_hypers")
+    if hypers is not None:
+        hypers.setdefault("frozen_layers", 0)
+        hypers.setdefault("lr_factors", {})
+
+
+MODEL_UPDATES: Dict[int, Update] = {1: _model_v1_to_v2, 2: _model_v2_to_v3}
+TRAINER_UPDATES: Dict[int, Update] = {1: _trainer_v1_to_v2}
 
 
 def upgrade(

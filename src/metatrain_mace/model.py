@@ -69,7 +69,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
     :param dataset_info: targets, atomic types and length unit of the dataset.
     """
 
-    __checkpoint_version__ = 2
+    __checkpoint_version__ = 3
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float64, torch.float32]
     __default_metadata__ = ModelMetadata(

@@ -110,7 +110,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
     """Trains :class:`metatrain_mace.model.MetaMACE` with metatrain's losses,
     baselines, data loading and logging, and a MACE-style optimizer."""
 
-    __checkpoint_version__ = 1
+    __checkpoint_version__ = 2
 
     def __init__(self, hypers: TrainerHypers) -> None:
         super().__init__(hypers)
