@@ -17,6 +17,7 @@ module keeps its specification in a dict that TorchScript cannot type), sharing
 the weights of the MACE module.
 """
 
+import logging
 from typing import Any, Dict, List
 
 import torch
@@ -56,22 +57,17 @@ def check_specs(specs: Dict[str, Any], source: str) -> None:
             )
 
 
-def requested_inputs(specs: Dict[str, Any]) -> List[str]:
-    """metatomic inputs a model with these specifications needs."""
-    return [INPUTS[name] for name in specs]
-
-
 class SystemConditioning(torch.nn.Module):
     """MACE's joint embedding of total charge and spin, per atom.
 
     :param joint_embedding: the ``joint_embedding`` of a MACE model (its embedders
         and projection are used as they are, weights shared).
-    :param specs: the model's ``embedding_specs``.
+    :param specs: the model's ``embedding_specs``, already checked with
+        :func:`check_specs` (when the file was loaded or the hypers validated).
     """
 
     def __init__(self, joint_embedding: torch.nn.Module, specs: Dict[str, Any]):
         super().__init__()
-        check_specs(specs, "the MACE model")
         self.embedders = joint_embedding.embedders
         self.project = joint_embedding.project
         self.inputs: Dict[str, str] = {name: INPUTS[name] for name in specs}
@@ -140,6 +136,21 @@ class SystemConditioning(torch.nn.Module):
                 embedded = embedder(values.to(dtype).unsqueeze(-1))
             embeddings.append(embedded.index_select(0, system_index))
         return self.project(torch.cat(embeddings, dim=-1))
+
+
+def report_missing_inputs(
+    conditioning: SystemConditioning, datasets: List[Any]
+) -> None:
+    """One log line per input that some datasets do not give: their structures
+    get MACE's default (charge 0, spin multiplicity 1)."""
+    for name, key in conditioning.inputs.items():
+        missing = [d for d in datasets if len(d) > 0 and key not in d[0]._asdict()]
+        if missing:
+            logging.info(
+                f"'{key}' is not in the 'extra_data' of {len(missing)} of the "
+                f"{len(datasets)} training and validation sets: their structures "
+                f"get MACE's default {key} {conditioning.defaults[name]:g}"
+            )
 
 
 def check_dataset_values(

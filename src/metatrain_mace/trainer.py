@@ -36,7 +36,7 @@ from metatrain.utils.transfer import batch_to
 from metatrain_mace import checkpoints, distributed
 from metatrain_mace._version import __version__
 from metatrain_mace.baselines import fit_baselines
-from metatrain_mace.conditioning import check_dataset_values
+from metatrain_mace.conditioning import check_dataset_values, report_missing_inputs
 from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
@@ -86,24 +86,6 @@ def average_num_neighbors(
     if n_atoms == 0:
         raise ValueError("the training set is empty: no structure to train on")
     return max(n_edges / n_atoms, 1.0)
-
-
-def report_missing_inputs(inputs: List[str], datasets: List[DatasetLike]) -> None:
-    """One log line per per-system input that the datasets do not give: MACE's
-    default (charge 0, spin multiplicity 1) is then used for those structures."""
-    defaults = {"charge": 0, "spin_multiplicity": 1}
-    for name in inputs:
-        missing = [
-            index
-            for index, dataset in enumerate(datasets)
-            if len(dataset) > 0 and name not in dataset[0]._asdict()
-        ]
-        if missing:
-            logging.info(
-                f"'{name}' is not in the 'extra_data' of {len(missing)} of the "
-                f"{len(datasets)} training and validation sets: their structures "
-                f"get MACE's default {name} {defaults.get(name)}"
-            )
 
 
 class Trainer(TrainerInterface[TrainerHypers]):
@@ -222,8 +204,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
         # charge and spin (for models conditioned on them) go from extra_data onto
         # the systems, where the model reads them
         inputs = list(model.requested_inputs())
-        report_missing_inputs(inputs, train_datasets + val_datasets)
         if hasattr(model, "conditioning"):
+            report_missing_inputs(model.conditioning, train_datasets + val_datasets)
             check_dataset_values(model.conditioning, train_datasets, "training")
             check_dataset_values(model.conditioning, val_datasets, "validation")
         train_datasets, val_datasets, collate_fn = prepare_data(
