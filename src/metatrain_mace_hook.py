@@ -9,7 +9,8 @@ classes are not duplicated and checkpoints, ``isinstance`` checks and pickles ag
 
 The same finder teaches metatrain which process is the main one under ``torchrun``
 (see :func:`is_main_process`), so that distributed runs started that way log, write
-checkpoints and export once.
+checkpoints and export once, and checks ``--restart`` files of ``experimental.mace``
+runs before metatrain unpickles them.
 
 It must stay cheap: it imports nothing but the standard library, and the aliased
 package is only imported when someone asks for it. Set ``METATRAIN_MACE_DISABLE=1``
@@ -30,6 +31,7 @@ ALIAS = "metatrain.experimental.mace"
 TARGET = "metatrain_mace"
 DISABLE_VARIABLE = "METATRAIN_MACE_DISABLE"
 MAIN_PROCESS_MODULE = "metatrain.utils.distributed.logging"
+TRAIN_MODULE = "metatrain.cli.train"
 
 
 def _target_name(fullname: str) -> Optional[str]:
@@ -79,25 +81,63 @@ def is_main_process_with_rank(original: Callable[[], bool]) -> Callable[[], bool
     return is_main_process
 
 
-class _MainProcessLoader(importlib.abc.Loader):
-    """Runs metatrain's module, then wraps its ``is_main_process``."""
+def train_model_checking_restart(original: Callable[..., Any]) -> Callable[..., Any]:
+    """metatrain's ``train_model``, refusing bad ``--restart`` files clearly.
 
-    def __init__(self, loader: importlib.abc.Loader) -> None:
+    metatrain unpickles the restart file before any code of this package runs, so
+    a truncated file or a checkpoint of another kind ends in a bare unpickling
+    error or a ``KeyError``. For ``experimental.mace`` runs the file is checked
+    first (``metatrain_mace.checkpoint_files.check_restart_file``), and the error
+    names the file and the newest intact checkpoint beside it.
+    """
+
+    def train_model(*args: Any, **kwargs: Any) -> Any:
+        restart_from = kwargs.get("restart_from")
+        options = kwargs.get("options", args[0] if args else None)
+        try:
+            name = options["architecture"]["name"]  # type: ignore[index]
+        except (KeyError, TypeError):
+            name = None
+        if restart_from is not None and name == ALIAS:
+            from metatrain_mace.checkpoint_files import check_restart_file
+
+            check_restart_file(restart_from)
+        return original(*args, **kwargs)
+
+    train_model.__doc__ = original.__doc__
+    train_model.__wrapped__ = original  # type: ignore[attr-defined]
+    return train_model
+
+
+WRAPPERS = {
+    MAIN_PROCESS_MODULE: ("is_main_process", is_main_process_with_rank),
+    TRAIN_MODULE: ("train_model", train_model_checking_restart),
+}
+
+
+class _WrappingLoader(importlib.abc.Loader):
+    """Runs one of metatrain's modules, then wraps one of its functions
+    (:data:`WRAPPERS`)."""
+
+    def __init__(self, loader: importlib.abc.Loader, fullname: str) -> None:
         self.loader = loader
+        self.fullname = fullname
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self.loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        original = getattr(module, "is_main_process", None)
+        attribute, wrapper = WRAPPERS[self.fullname]
+        original = getattr(module, attribute, None)
         if original is not None and not hasattr(original, "__wrapped__"):
-            module.is_main_process = is_main_process_with_rank(original)  # type: ignore[attr-defined]
+            setattr(module, attribute, wrapper(original))
 
 
 class MetatrainMaceFinder(importlib.abc.MetaPathFinder):
     """Finder aliasing ``metatrain.experimental.mace[.*]`` to ``metatrain_mace[.*]``;
-    it also wraps metatrain's ``is_main_process`` (:func:`is_main_process_with_rank`).
+    it also wraps metatrain's ``is_main_process`` (:func:`is_main_process_with_rank`)
+    and ``train_model`` (:func:`train_model_checking_restart`).
     """
 
     def find_spec(
@@ -106,10 +146,10 @@ class MetatrainMaceFinder(importlib.abc.MetaPathFinder):
         path: Optional[Sequence[str]] = None,
         target: Optional[ModuleType] = None,
     ) -> Optional[importlib.machinery.ModuleSpec]:
-        if fullname == MAIN_PROCESS_MODULE:
+        if fullname in WRAPPERS:
             spec = importlib.machinery.PathFinder.find_spec(fullname, path)
             if spec is not None and spec.loader is not None:
-                spec.loader = _MainProcessLoader(spec.loader)
+                spec.loader = _WrappingLoader(spec.loader, fullname)
             return spec
         target_name = _target_name(fullname)
         if target_name is None:

@@ -8,9 +8,14 @@ exactly. Values the user gives in ``atomic_baseline`` / ``fixed_scaling_weights`
 win over the file's.
 """
 
+import functools
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Dict, List, Union
 
+import torch
 from metatrain.composition import train_or_load_composition_model
 from metatrain.scaler import train_or_load_scaler
 
@@ -18,6 +23,9 @@ from metatrain_mace.foundation import energy_baseline
 
 
 FixedWeights = Union[str, Dict[str, Any]]
+MIN_SCALE = 1e-10
+"""Smallest fitted target scale taken as real, in the target's unit; a smaller one
+means the composition baseline fits the training values to rounding precision."""
 
 
 def fixed_weights_from_file(
@@ -66,6 +74,33 @@ def fit_baselines(
     atomic_baseline, scaling_weights = fixed_weights_from_file(
         model, hypers["atomic_baseline"], hypers["fixed_scaling_weights"]
     )
+    # metatrain writes the baselines' checkpoints straight onto their final
+    # names: write them into a hidden folder and move them once complete
+    staging = Path(checkpoint_dir) / ".baselines.tmp"
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        _fit(
+            model,
+            hypers,
+            train_datasets,
+            str(staging),
+            atomic_baseline,
+            scaling_weights,
+        )
+        for written in staging.iterdir():
+            os.replace(written, Path(checkpoint_dir) / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fit(
+    model: Any,
+    hypers: Dict[str, Any],
+    train_datasets: List[Any],
+    checkpoint_dir: str,
+    atomic_baseline: FixedWeights,
+    scaling_weights: FixedWeights,
+) -> None:
     logging.info("Fitting the composition baseline")
     train_or_load_composition_model(
         composition_model=model.additive_models[0],
@@ -94,9 +129,9 @@ def fit_baselines(
     # ones, but its trainer looks up every target of the batches: describe all
     scaler = model.scaler
     scaler.target_infos = {**scaler.dataset_info.targets, **scaler.target_infos}
-    train_or_load_scaler(
+    fit_scales = functools.partial(
+        train_or_load_scaler,
         scaler=model.scaler,
-        fixed_weights=scaling_weights,
         train_datasets=train_datasets,
         additive_models=model.additive_models,
         batch_size=hypers["batch_size"],
@@ -104,3 +139,32 @@ def fit_baselines(
         checkpoint_dir=checkpoint_dir,
         per_structure_targets=hypers["per_structure_targets"],
     )
+    fit_scales(fixed_weights=scaling_weights)
+    if isinstance(scaling_weights, str):
+        return
+    degenerate = degenerate_scales(model.scaler, scaling_weights)
+    if degenerate:
+        for name, value in degenerate.items():
+            logging.warning(
+                f"The fitted scale of target '{name}' is {value:.3g}: the "
+                "composition baseline already reproduces every training value (too "
+                "few structures for the number of elements?), and dividing by this "
+                "scale would blow the loss up. The scale is set to 1 instead; give "
+                f"'fixed_scaling_weights: {{{name}: ...}}' to choose it yourself"
+            )
+        fit_scales(fixed_weights={**scaling_weights, **dict.fromkeys(degenerate, 1.0)})
+
+
+def degenerate_scales(scaler: Any, fixed: Dict[str, Any]) -> Dict[str, float]:
+    """Fitted (not fixed) target scales that are not finite or below
+    :data:`MIN_SCALE`, with their smallest value."""
+    degenerate: Dict[str, float] = {}
+    for name, scales in scaler.model.scales.items():
+        if name in fixed:
+            continue
+        values = torch.cat([block.values.reshape(-1) for block in scales])
+        if values.numel() and not bool(
+            (torch.isfinite(values) & (values.abs() > MIN_SCALE)).all()
+        ):
+            degenerate[name] = float(values.abs().min())
+    return degenerate

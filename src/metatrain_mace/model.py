@@ -45,7 +45,7 @@ from metatrain_mace.irreps_probe import produced_irreps
 from metatrain_mace.mace_import import o3
 from metatrain_mace.scripting import compiled_copy, tree_copy
 from metatrain_mace.slicing import split_tensor_product_inputs
-from metatrain_mace.targets import check_target
+from metatrain_mace.targets import check_finite, check_head_target, check_target
 
 
 ARCHITECTURE_NAME = "experimental.mace"
@@ -119,6 +119,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
             self.atomic_types: List[int] = sorted(foundation.atomic_numbers(mace))
             avg_num_neighbors = float(mace.interactions[0].avg_num_neighbors)
         else:
+            check_head_target(self.mace_head_target, dataset_info)
             self.atomic_types = sorted(int(t) for t in dataset_info.atomic_types)
             self.mace = build_mace(dict(hypers), self.atomic_types)
             self.head_index = 0
@@ -635,6 +636,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
             result = self._add_baselines(systems, outputs, result, selected_atoms)
         for name in summed:
             result[name] = sum_over_atoms(result[name])
+        if not self.training and head_target in result:
+            check_finite(head_target, result[head_target])
         return result
 
     def _per_atom_requests(

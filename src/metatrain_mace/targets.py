@@ -1,6 +1,9 @@
-"""Which targets the heads can produce, decided before anything is trained."""
+"""Which targets the heads can produce (decided before anything is trained), and
+the checks of the energy target the exported model runs."""
 
-from metatrain.utils.data import TargetInfo
+import torch
+from metatensor.torch import TensorMap
+from metatrain.utils.data import DatasetInfo, TargetInfo
 
 from metatrain_mace.heads import irrep_of_block
 from metatrain_mace.mace_import import o3
@@ -99,4 +102,37 @@ def check_target(
                 produced,
                 num_interactions,
             )
+        )
+
+
+def check_head_target(head_target: str, dataset_info: DatasetInfo) -> None:
+    """Refuse a ``mace_head_target`` set to a name that is not a target: a typo
+    would silently give the energy an MLP head instead of MACE's readout. The
+    default, ``energy``, may name no target (models without an energy)."""
+    if head_target in dataset_info.targets or head_target == "energy":
+        return
+    raise ValueError(
+        f"'mace_head_target' is {head_target!r}, which is not one of the targets "
+        f"({sorted(dataset_info.targets)}). Set it to the name of the energy target "
+        "that MACE's readout should predict, as written in the 'targets' section"
+    )
+
+
+def check_finite(name: str, tensor: TensorMap) -> None:
+    """Raise, naming the system, when a prediction of ``name`` is NaN or infinite
+    (TorchScript: the exported model runs it on every energy it returns)."""
+    block = tensor.block()
+    values = block.values.reshape(block.values.shape[0], -1)
+    finite = torch.isfinite(values).all(dim=1)
+    if not bool(finite.all()):
+        row = int(torch.nonzero(torch.logical_not(finite))[0, 0])
+        system = int(block.samples.values[row, 0])
+        raise ValueError(
+            "the predicted '"
+            + name
+            + "' of system "
+            + str(system)
+            + " is not finite (NaN or infinite): two of its atoms probably sit at "
+            + "the same position, or the structure is far from anything the model "
+            + "was trained on"
         )

@@ -36,7 +36,14 @@ from metatrain.utils.transfer import batch_to
 from metatrain_mace import checkpoints, distributed
 from metatrain_mace._version import __version__
 from metatrain_mace.baselines import fit_baselines
+from metatrain_mace.checkpoint_files import LATEST, atomic_save
 from metatrain_mace.conditioning import check_dataset_values, report_missing_inputs
+from metatrain_mace.datachecks import (
+    SkipStructureLines,
+    StructureNames,
+    check_batch_limit,
+    check_datasets,
+)
 from metatrain_mace.dataloading import prepare_data, unpack
 from metatrain_mace.documentation import TrainerHypers
 from metatrain_mace.finetuning import apply_finetuning
@@ -159,6 +166,15 @@ class Trainer(TrainerInterface[TrainerHypers]):
         if self.hypers["finetune"]["read_from"] is not None:
             model = apply_finetuning(model, self.hypers["finetune"])
 
+        logging.info("Checking the training and validation data")
+        sizes = check_datasets(
+            {"training": train_datasets, "validation": val_datasets},
+            model.dataset_info.targets,
+            StructureNames(checkpoint_dir),
+        )
+        check_batch_limit(self.hypers["max_atoms_per_batch"], sizes)
+        has_validation = sum(len(dataset) for dataset in val_datasets) > 0
+
         if model.from_file:
             pass  # the MACE file's own normalisation is part of the model
         elif model.hypers["avg_num_neighbors"] is None and self.epoch is None:
@@ -208,6 +224,16 @@ class Trainer(TrainerInterface[TrainerHypers]):
             report_missing_inputs(model.conditioning, train_datasets + val_datasets)
             check_dataset_values(model.conditioning, train_datasets, "training")
             check_dataset_values(model.conditioning, val_datasets, "validation")
+
+        start_epoch = 0 if self.epoch is None else self.epoch + 1
+        if start_epoch >= self.hypers["num_epochs"]:
+            # nothing to train (e.g. the zero-epoch export of a MACE file): no data
+            # loaders, so that a few structures are enough for the baselines
+            logging.info(
+                f"No epoch to run (num_epochs is {self.hypers['num_epochs']}): the "
+                "model keeps its weights"
+            )
+            return
         train_datasets, val_datasets, collate_fn = prepare_data(
             train_datasets,
             [distributed.shard(dataset, context) for dataset in val_datasets],
@@ -223,6 +249,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
             num_workers=num_workers,
         )
 
+        # metatrain logs one line per structure above max_atoms_per_batch;
+        # check_batch_limit has said it in one
+        skipped_lines = SkipStructureLines()
+        logging.getLogger("metatrain.utils.data.samplers").addFilter(skipped_lines)
         train_loaders, epoch_samplers = build_train_dataloaders(
             train_datasets=train_datasets,
             train_distributed_samplers=distributed.training_samplers(
@@ -237,6 +267,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
         train_loader = CombinedDataLoader(train_loaders, shuffle=True)
         # validation needs no synchronisation between ranks: each rank evaluates
         # its own share (no structure twice) and the sums are reduced afterwards
+        # metatrain's atom packing refuses empty sets (and shards)
+        val_datasets = [dataset for dataset in val_datasets if len(dataset) > 0]
         val_loader = CombinedDataLoader(
             build_val_dataloaders(
                 val_datasets=val_datasets,
@@ -248,6 +280,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
             ),
             shuffle=False,
         )
+        logging.getLogger("metatrain.utils.data.samplers").removeFilter(skipped_lines)
+        if not has_validation:
+            logging.warning(
+                "There is no validation data ('validation_set' is empty): the best "
+                "model is the one of the epoch with the lowest training loss"
+            )
 
         loss_hypers = cast(Dict[str, LossSpecification], self.hypers["loss"])
         loss_fn = LossAggregator(targets=train_targets, config=loss_hypers)
@@ -277,7 +315,6 @@ class Trainer(TrainerInterface[TrainerHypers]):
 
         per_structure = list(self.hypers["per_structure_targets"])
         not_per_atom = ["positions_gradients", *per_structure]
-        start_epoch = 0 if self.epoch is None else self.epoch + 1
         if self.best_metric is None:
             self.best_metric = math.inf
         epoch = start_epoch
@@ -300,6 +337,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
             ),
         )
         model.train()
+        # a run killed during the first epoch restarts from here, not from the
+        # baselines' checkpoints
+        if context.is_main and self.epoch is None:
+            self.optimizer_state_dict = optimizer.state_dict()
+            self.scheduler_state_dict = scheduler.state_dict()
+            self.save_checkpoint(model, Path(checkpoint_dir) / LATEST)
         logging.info("Starting training")
         for epoch in range(start_epoch, self.hypers["num_epochs"]):
             for sampler in epoch_samplers:
@@ -317,48 +360,60 @@ class Trainer(TrainerInterface[TrainerHypers]):
             if log_this_epoch:
                 train_metrics = {"loss": train_loss, **train_metrics_epoch}
 
-            # the model stays in training mode: in evaluation mode it would add the
-            # baselines that the collate function removed from the targets
-            with torch.set_grad_enabled(needs_grad):
-                val_loss, val_metrics = run_epoch(
-                    val_loader, network=model, optimizer=None, with_metrics=True
-                )
-            val_metrics = {"loss": val_loss, **val_metrics}
+            if has_validation:
+                # the model stays in training mode: in evaluation mode it would add
+                # the baselines that the collate function removed from the targets
+                with torch.set_grad_enabled(needs_grad):
+                    val_loss, val_metrics = run_epoch(
+                        val_loader, network=model, optimizer=None, with_metrics=True
+                    )
+                val_metrics = {"loss": val_loss, **val_metrics}
+                logged = [train_metrics, val_metrics]
+            else:
+                val_loss, val_metrics = train_loss, {"loss": train_loss}
+                logged = [train_metrics]
             step_scheduler(scheduler, val_loss)
 
             if metric_logger is None:
                 metric_logger = MetricLogger(
                     log_obj=ROOT_LOGGER,
                     dataset_info=model.dataset_info,
-                    initial_metrics=[train_metrics, val_metrics],
-                    names=["training", "validation"],
+                    initial_metrics=logged,
+                    names=["training", "validation"][: len(logged)],
                 )
             if log_this_epoch:
                 metric_logger.log(
-                    metrics=[train_metrics, val_metrics],
+                    metrics=logged,
                     epoch=epoch,
                     rank=context.rank,
                     learning_rate=base_learning_rate(optimizer),
                 )
 
             # the metrics are reduced over all ranks: every rank takes the same
-            # decisions
-            metric = get_selected_metric(val_metrics, self.hypers["best_model_metric"])
+            # decisions (without validation data: the training loss)
+            metric = (
+                get_selected_metric(val_metrics, self.hypers["best_model_metric"])
+                if has_validation
+                else train_loss
+            )
             if metric < self.best_metric:
                 self.best_metric = metric
                 self.best_epoch = epoch
                 self.best_model_state_dict = copy.deepcopy(model.state_dict())
                 self.best_optimizer_state_dict = copy.deepcopy(optimizer.state_dict())
 
-            if epoch % self.hypers["checkpoint_interval"] == 0:
-                self.epoch = epoch
-                self.optimizer_state_dict = optimizer.state_dict()
-                self.scheduler_state_dict = scheduler.state_dict()
-                if context.is_main:
+            # a rolling checkpoint after every epoch (a kill loses at most one
+            # epoch), and a kept one every checkpoint_interval epochs
+            self.epoch = epoch
+            self.optimizer_state_dict = optimizer.state_dict()
+            self.scheduler_state_dict = scheduler.state_dict()
+            if context.is_main:
+                self.save_checkpoint(model, Path(checkpoint_dir) / LATEST)
+                if epoch % self.hypers["checkpoint_interval"] == 0:
                     self.save_checkpoint(
                         model, Path(checkpoint_dir) / f"model_{epoch}.ckpt"
                     )
-                distributed.barrier(context)
+            distributed.barrier(context)
 
         self.epoch = epoch if self.hypers["num_epochs"] > start_epoch else self.epoch
         self.optimizer_state_dict = optimizer.state_dict()
@@ -457,7 +512,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 "best_optimizer_state_dict": self.best_optimizer_state_dict,
             }
         )
-        torch.save(checkpoint, check_file_extension(path, ".ckpt"))
+        atomic_save(checkpoint, check_file_extension(path, ".ckpt"))
 
     @classmethod
     def load_checkpoint(
