@@ -98,7 +98,7 @@ def train_model_checking_restart(original: Callable[..., Any]) -> Callable[..., 
             name = options["architecture"]["name"]  # type: ignore[index]
         except (KeyError, TypeError):
             name = None
-        if restart_from is not None and name == ALIAS:
+        if restart_from is not None and name == ALIAS[len("metatrain.") :]:
             from metatrain_mace.checkpoint_files import check_restart_file
 
             check_restart_file(restart_from)

@@ -8,13 +8,16 @@ train`` calls), to keep the interpreter start-up out of every case.
 
 import copy
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, List
 
 import ase.io
+import metatensor.torch as mts
 import numpy as np
 import pytest
-import metatensor.torch as mts
 import torch
 from metatomic.torch import ModelEvaluationOptions, ModelOutput, systems_to_torch
 from metatrain.cli.train import train_model
@@ -259,3 +262,31 @@ def test_model_without_energy_needs_no_head_target() -> None:
     check_head_target("energy", dataset_info)  # the default may name no target
     with pytest.raises(ValueError, match="'mtt::Q', which is not one of the"):
         check_head_target("mtt::Q", dataset_info)
+
+
+def test_e3nn_unpickling_advice_of_the_troubleshooting_page() -> None:
+    """Plain ``from e3nn import o3`` fails under torch's safe ``torch.load``; the
+    documented fix (``import metatrain_mace.mace_import`` first) works and keeps
+    the safe mode on."""
+    environment = {
+        k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    }
+
+    def python(code: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=environment,
+        )
+
+    plain = python("import metatrain_mace; from e3nn import o3")
+    assert plain.returncode != 0 and "Weights only load failed" in plain.stderr
+    advised = python(
+        "import os, metatrain_mace.mace_import\n"
+        "from e3nn import o3\n"
+        "print(o3.Irreps('1x1o'))\n"
+        "assert 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD' not in os.environ\n"
+    )
+    assert advised.returncode == 0, advised.stderr[-2000:]
+    assert "1x1o" in advised.stdout

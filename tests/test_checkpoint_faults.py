@@ -1,0 +1,167 @@
+"""Crashes during checkpoint writes, and restarts from files that cannot continue a
+run: a kill loses at most one epoch, and every bad restart file is named with the
+checkpoint to use instead."""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from metatrain.cli.train import train_model
+from omegaconf import OmegaConf
+
+from metatrain_mace.checkpoint_files import atomic_save, check_restart_file
+from test_bad_input import options
+
+
+# kills the process (SIGKILL: no clean-up, no finally) in the middle of the third
+# write of the rolling checkpoint, i.e. the one after epoch 1
+KILLING_MTT = """
+import os, signal, sys, torch
+original = torch.save
+writes = []
+def save(obj, f, *args, **kwargs):
+    if "model_latest" in str(getattr(f, "name", f)):
+        writes.append(1)
+        if len(writes) == 3:
+            f.write(b"PK\\x03\\x04 half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return original(obj, f, *args, **kwargs)
+torch.save = save
+from metatrain.__main__ import main
+sys.argv = ["mtt", "train", "options.yaml"]
+main()
+"""
+
+
+def mtt_env() -> dict:
+    environment = {**os.environ}
+    environment.pop("METATRAIN_MACE_DISABLE", None)
+    return environment
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, alloy_path: str) -> Path:
+    """The output folder of a finished two-epoch run with all its checkpoints."""
+    workdir = tmp_path_factory.mktemp("run")
+    shutil.copy(alloy_path, workdir / "data.xyz")
+    folder = workdir / "outputs" / "2026-01-01" / "00-00-00"
+    folder.mkdir(parents=True)
+    config = options(workdir / "data.xyz", num_epochs=2, checkpoint_interval=1)
+    train_model(
+        OmegaConf.create(copy.deepcopy(config)),
+        output=str(workdir / "model.pt"),
+        checkpoint_dir=str(folder),
+    )
+    return folder
+
+
+def test_training_writes_checkpoints_through_the_hook(run: Path) -> None:
+    assert hasattr(train_model, "__wrapped__")  # the import hook's check is on
+    names = sorted(p.name for p in run.iterdir() if p.suffix == ".ckpt")
+    assert names == [
+        "composition_model.ckpt",
+        "model_0.ckpt",
+        "model_1.ckpt",
+        "model_latest.ckpt",
+        "scaler.ckpt",
+    ]
+    latest = torch.load(run / "model_latest.ckpt", weights_only=False)
+    assert latest["epoch"] == 1
+    assert not list(run.glob(".*"))  # no temporary file left behind
+
+
+def test_truncated_checkpoint_names_the_previous_good_one(
+    run: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "outputs" / "2026-01-01" / "00-00-00"
+    shutil.copytree(run, folder)
+    broken = folder / "model_latest.ckpt"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    os.utime(folder / "model_0.ckpt", (1, 1))  # older than model_1.ckpt
+    with pytest.raises(ValueError) as error:
+        check_restart_file(broken)
+    message = str(error.value)
+    assert f"cannot read the restart checkpoint '{broken}'" in message
+    assert f"restart from it with `mtt train OPTIONS --restart {folder}" in message
+    assert "model_1.ckpt" in message
+
+
+def test_baseline_checkpoints_are_not_restart_files(run: Path) -> None:
+    for name in ("scaler.ckpt", "composition_model.ckpt"):
+        with pytest.raises(ValueError, match="fitted before the first epoch"):
+            check_restart_file(run / name)
+
+
+def test_other_architectures_are_refused(run: Path, tmp_path: Path) -> None:
+    pet = tmp_path / "pet.ckpt"
+    torch.save({"architecture_name": "pet", "model_ckpt_version": 9}, pet)
+    with pytest.raises(ValueError, match="checkpoint of the 'pet' architecture"):
+        check_restart_file(pet)
+
+
+def test_restart_from_a_bad_file_through_mtt_train(run: Path, tmp_path: Path) -> None:
+    """The check runs inside metatrain's ``train_model``, before its torch.load."""
+    config = options(tmp_path / "missing.xyz")
+    with pytest.raises(ValueError, match="fitted before the first epoch"):
+        train_model(
+            OmegaConf.create(config),
+            output=str(tmp_path / "model.pt"),
+            checkpoint_dir=str(tmp_path),
+            restart_from=str(run / "scaler.ckpt"),
+        )
+
+
+def test_atomic_save_keeps_the_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "a.ckpt"
+    atomic_save({"epoch": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("crash during the write")
+
+    with pytest.raises(RuntimeError, match="crash during the write"):
+        atomic_save({"epoch": 2, "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+
+
+def test_kill_during_a_checkpoint_write_then_restart_auto(
+    tmp_path: Path, alloy_path: str
+) -> None:
+    shutil.copy(alloy_path, tmp_path / "data.xyz")
+    config = options(Path("data.xyz"), num_epochs=4, checkpoint_interval=10)
+    (tmp_path / "options.yaml").write_text(yaml.safe_dump(config))
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLING_MTT],
+        cwd=tmp_path,
+        env=mtt_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    (first,) = list(tmp_path.glob("outputs/*/*"))
+    assert torch.load(first / "model_latest.ckpt", weights_only=False)["epoch"] == 0
+    assert list(first.glob(".model_latest.ckpt.*.tmp"))  # the interrupted write
+
+    restarted = subprocess.run(
+        [str(Path(sys.executable).parent / "mtt"), "train", "options.yaml"]
+        + ["--restart", "auto"],
+        cwd=tmp_path,
+        env=mtt_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    log = restarted.stdout + restarted.stderr
+    assert f"Restarting training from '{first.relative_to(tmp_path)}" in log
+    final = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    assert final["epoch"] == 3
+    # epochs 1, 2 and 3 ran after the restart: only the interrupted epoch was lost
+    assert "Epoch:    1" in log and "Epoch:    0" not in log
