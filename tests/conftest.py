@@ -8,6 +8,7 @@ tests up; the package itself is unchanged.
 """
 
 import functools
+import os
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ def _memoise_u_matrices() -> None:
 
 
 _memoise_u_matrices()
+
+# with pytest-xdist's workers (``-n 2``) every worker and the commands it starts
+# use one thread, so that the workers do not fight over the cores
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -332,7 +332,7 @@ def check_run(directory: Path, log: str, epochs: int) -> None:
     assert (directory / "model.ckpt").exists()
     assert (directory / "model.pt").exists()
     assert sorted(p.name for p in runs[0].glob("*.ckpt")) == sorted(
-        ["composition_model.ckpt", "scaler.ckpt", "model.ckpt"]
+        ["composition_model.ckpt", "scaler.ckpt", "model.ckpt", "model_latest.ckpt"]
         + [f"model_{e}.ckpt" for e in range(0, epochs, 2)]
     )
     assert log.count("Exported model") <= 1
