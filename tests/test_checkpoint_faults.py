@@ -165,3 +165,27 @@ def test_kill_during_a_checkpoint_write_then_restart_auto(
     assert final["epoch"] == 3
     # epochs 1, 2 and 3 ran after the restart: only the interrupted epoch was lost
     assert "Epoch:    1" in log and "Epoch:    0" not in log
+
+
+def test_exported_models_are_saved_atomically(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mtt export`` (and ``mtt train``'s final export) save through a temporary
+    file: a save that fails half-way leaves the previous model file as it was."""
+    from metatrain.utils.io import model_from_checkpoint
+
+    checkpoint = torch.load(run / "model_latest.ckpt", weights_only=False)
+    exported = model_from_checkpoint(checkpoint, context="export").export()
+    path = tmp_path / "model.pt"
+    exported.save(str(path))
+    before = path.read_bytes()
+
+    def half_write(module, file, _extra_files=None):
+        Path(file).write_bytes(before[: len(before) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch.jit, "save", half_write)
+    with pytest.raises(OSError, match="No space left"):
+        exported.save(str(path))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]

@@ -1,12 +1,13 @@
 """Checkpoint files that survive crashes, and restarts that say what went wrong.
 
-Every checkpoint this package writes goes first to a hidden temporary file in the
-same folder, which is renamed onto the final name once complete: a crash during a
-write leaves the previous file intact (and a ``.*.tmp`` file that ``--restart
-auto`` ignores). Before ``mtt train --restart FILE`` loads anything, the import
-hook calls :func:`check_restart_file`, which refuses unreadable files and files
-that are not training checkpoints of ``experimental.mace``, naming the newest
-intact checkpoint to restart from instead.
+Every checkpoint and exported model this package writes goes first to a hidden
+temporary file in the same folder, which is renamed onto the final name once
+complete: a crash during a write leaves the previous file intact (and a ``.*.tmp``
+file that ``--restart auto`` ignores). Before ``mtt train --restart FILE`` loads
+anything, the import hook calls :func:`check_restart_file`, which refuses
+unreadable files and files that are not training checkpoints of
+``experimental.mace``, naming the newest intact checkpoint to restart from
+instead.
 """
 
 import os
@@ -38,6 +39,23 @@ def atomic_save(obj: Any, path: Union[str, Path]) -> None:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def save_model_atomically(
+    model: Any, file: Union[str, Path], collect_extensions: Optional[str] = None
+) -> None:
+    """``AtomisticModel.save`` through a temporary file beside ``file``: bound as
+    the ``save`` of the models :meth:`MetaMACE.export` returns, because metatrain
+    writes the exported ``model.pt`` of ``mtt train`` with it."""
+    from metatomic.torch import AtomisticModel
+
+    path = Path(file)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        AtomisticModel.save(model, str(temporary), collect_extensions)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def is_intact(path: Path) -> bool:

@@ -5,7 +5,6 @@ and the file as ``mace_model``: the same trunk, the file's E0s, shift and scale 
 composition baseline and scaler, and every element the file knows.
 """
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -82,13 +81,6 @@ def export_mace_model(
     """
     exported = mace_file_to_model(path, head=head, dtype=dtype).export(metadata)
     if output is not None:
-        output_path = Path(output)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        # a crash during the write leaves the previous file, not half a model
-        temporary = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
-        try:
-            exported.save(str(temporary))
-            os.replace(temporary, output_path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        exported.save(str(output))  # atomic: see MetaMACE.export
     return exported

@@ -1,6 +1,7 @@
 """The ``experimental.mace`` model: MACE node features, MACE energy readout, heads."""
 
 import logging
+import types
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import metatensor.torch as mts
@@ -32,6 +33,7 @@ from metatrain_mace.builder import (
     node_feature_irreps,
     set_avg_num_neighbors,
 )
+from metatrain_mace.checkpoint_files import save_model_atomically
 from metatrain_mace.conditioning import SystemConditioning
 from metatrain_mace.documentation import ModelHypers
 from metatrain_mace.features import IrrepGather, SphericalFeatures
@@ -796,8 +798,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
         )
         # metatomic freezes the parameters of what it wraps: give it a copy sharing
         # the weights, so that this model can still be trained afterwards
-        return AtomisticModel(
+        exported = AtomisticModel(
             tree_copy(self).eval(),
             merge_metadata(self.metadata, metadata),
             capabilities,
         )
+        # whoever saves it (metatrain's mtt train and mtt export, this package)
+        # writes a temporary file and renames it: a crash leaves no half model
+        exported.save = types.MethodType(save_model_atomically, exported)
+        return exported
