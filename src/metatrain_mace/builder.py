@@ -8,6 +8,7 @@ import torch
 
 from metatrain_mace.conditioning import check_specs
 from metatrain_mace.mace_import import mace_modules, o3
+from metatrain_mace.scripting import quiet_torchscript
 
 
 def parse_irreps(name: str, value: str) -> o3.Irreps:
@@ -103,6 +104,7 @@ def float64_default() -> Iterator[None]:
         torch.set_default_dtype(previous_dtype)
 
 
+@quiet_torchscript()
 def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Module:
     """A new ``mace.modules.MACE`` for ``atomic_types``, in float64.
 

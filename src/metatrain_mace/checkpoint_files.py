@@ -49,10 +49,13 @@ def save_model_atomically(
     writes the exported ``model.pt`` of ``mtt train`` with it."""
     from metatomic.torch import AtomisticModel
 
+    from metatrain_mace.scripting import quiet_torchscript
+
     path = Path(file)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        AtomisticModel.save(model, str(temporary), collect_extensions)
+        with quiet_torchscript():
+            AtomisticModel.save(model, str(temporary), collect_extensions)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

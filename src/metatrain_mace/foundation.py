@@ -18,6 +18,7 @@ import torch
 from metatrain_mace import foundation_names
 from metatrain_mace.conditioning import check_specs
 from metatrain_mace.mace_import import mace_modules, o3
+from metatrain_mace.scripting import quiet_torchscript
 
 
 # model hyperparameters that describe the MACE architecture: a MACE file fixes them
@@ -47,6 +48,7 @@ ARCHITECTURE_HYPERS = [
 ]
 
 
+@quiet_torchscript()
 def load_mace_file(path: str) -> torch.nn.Module:
     """Load a whole pickled MACE module (float32 or float64) on the CPU.
 

@@ -7,12 +7,35 @@ deep-copied, and they would double the memory), so we copy the module *tree*: ne
 module objects and new ``Parameter`` objects sharing the storage of the originals.
 """
 
+import contextlib
 import copy
-from typing import Sequence, Tuple
+import warnings
+from typing import Iterator, Sequence, Tuple
 
 import torch
 
 from metatrain_mace.mace_import import e3nn_jit
+
+
+@contextlib.contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """Silence the TorchScript warnings raised while e3nn and MACE modules are
+    built, copied and compiled (about 200 per ``mtt train``): torch's deprecation
+    notices of ``torch.jit.*`` and the "instance-level annotations" notices of
+    e3nn's and MACE's attributes. They say nothing about the user's run; every
+    other warning still shows. Also usable as a decorator."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`torch\.jit\.\w+` is deprecated",
+            category=DeprecationWarning,
+        )
+        warnings.filterwarnings(
+            "ignore",
+            message="The TorchScript type system doesn't support instance-level",
+            category=UserWarning,
+        )
+        yield
 
 
 def _share(parameter: torch.Tensor) -> torch.Tensor:
@@ -22,6 +45,7 @@ def _share(parameter: torch.Tensor) -> torch.Tensor:
     return torch.nn.Parameter(parameter.detach(), requires_grad=parameter.requires_grad)
 
 
+@quiet_torchscript()
 def tree_copy(module: torch.nn.Module) -> torch.nn.Module:
     """New module objects and parameters over the same tensor storage."""
     if isinstance(module, torch.jit.ScriptModule):
@@ -39,6 +63,7 @@ def tree_copy(module: torch.nn.Module) -> torch.nn.Module:
     return new
 
 
+@quiet_torchscript()
 def compiled_copy(
     module: torch.nn.Module, drop: Sequence[Tuple[str, str]] = ()
 ) -> torch.nn.Module:

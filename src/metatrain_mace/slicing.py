@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 from metatrain_mace.builder import float64_default
+from metatrain_mace.scripting import quiet_torchscript
 
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def split_column_slices(graph_module: fx.GraphModule) -> int:
     return rewritten
 
 
+@quiet_torchscript()
 def split_tensor_product_inputs(module: torch.nn.Module) -> int:
     """Regenerate the code of every e3nn tensor product in ``module`` with
     :func:`split_column_slices` applied. Returns the number of tensor products changed.
