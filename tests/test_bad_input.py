@@ -290,3 +290,17 @@ def test_e3nn_unpickling_advice_of_the_troubleshooting_page() -> None:
     )
     assert advised.returncode == 0, advised.stderr[-2000:]
     assert "1x1o" in advised.stdout
+
+
+def test_long_epochs_log_their_progress(
+    frames, tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import metatrain_mace.trainer
+
+    monkeypatch.setattr(metatrain_mace.trainer, "PROGRESS_SECONDS", 0.0)
+    data = write(frames, tmp_path / "data.xyz")
+    caplog.set_level(logging.INFO)
+    train(options(data, validation=0.25, batch_size=3), tmp_path)
+    lines = [r.getMessage() for r in caplog.records]
+    assert "  training: 1/3 batches" in "\n".join(lines)
+    assert any(line.startswith("  training: 2/3 batches (") for line in lines)

@@ -4,6 +4,7 @@ import copy
 import functools
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union, cast
 
@@ -60,6 +61,8 @@ from metatrain_mace.optimization import (
 
 
 DatasetLike = Union[Dataset, torch.utils.data.Subset]
+PROGRESS_SECONDS = 60.0
+"""Within an epoch, a progress line is logged at most this often (seconds)."""
 
 
 def average_num_neighbors(
@@ -93,6 +96,28 @@ def average_num_neighbors(
     if n_atoms == 0:
         raise ValueError("the training set is empty: no structure to train on")
     return max(n_edges / n_atoms, 1.0)
+
+
+class Progress:
+    """A log line every :data:`PROGRESS_SECONDS` within a long pass over the
+    data, so that epochs of thousands of structures show that they advance."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total = total
+        self.what = what
+        self.done = 0
+        self.start = time.monotonic()
+        self.last = self.start
+
+    def step(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and self.done < self.total:
+            self.last = now
+            logging.info(
+                f"  {self.what}: {self.done}/{self.total} batches "
+                f"({now - self.start:.0f} s)"
+            )
 
 
 class Trainer(TrainerInterface[TrainerHypers]):
@@ -449,6 +474,9 @@ class Trainer(TrainerInterface[TrainerHypers]):
             with_mae=self.hypers["log_mae"],
         )
         total_loss = 0.0
+        progress = Progress(
+            len(loader), "training" if optimizer is not None else "validation"
+        )
         for batch in loader:
             if optimizer is not None:
                 optimizer.zero_grad()
@@ -490,6 +518,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 metrics_in_target_units.update(
                     systems, predictions, targets, extra_data
                 )
+            if context.is_main:
+                progress.step()
         metrics: Dict[str, Any] = {}
         if with_metrics:
             metrics = metrics_in_target_units.finalize(
