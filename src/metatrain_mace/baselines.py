@@ -8,13 +8,13 @@ exactly. Values the user gives in ``atomic_baseline`` / ``fixed_scaling_weights`
 win over the file's.
 """
 
-import functools
 import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
+import metatensor.torch as mts
 import torch
 from metatrain.composition import train_or_load_composition_model
 from metatrain.scaler import train_or_load_scaler
@@ -129,9 +129,9 @@ def _fit(
     # ones, but its trainer looks up every target of the batches: describe all
     scaler = model.scaler
     scaler.target_infos = {**scaler.dataset_info.targets, **scaler.target_infos}
-    fit_scales = functools.partial(
-        train_or_load_scaler,
+    train_or_load_scaler(
         scaler=model.scaler,
+        fixed_weights=scaling_weights,
         train_datasets=train_datasets,
         additive_models=model.additive_models,
         batch_size=hypers["batch_size"],
@@ -139,20 +139,38 @@ def _fit(
         checkpoint_dir=checkpoint_dir,
         per_structure_targets=hypers["per_structure_targets"],
     )
-    fit_scales(fixed_weights=scaling_weights)
     if isinstance(scaling_weights, str):
         return
-    degenerate = degenerate_scales(model.scaler, scaling_weights)
-    if degenerate:
-        for name, value in degenerate.items():
-            logging.warning(
-                f"The fitted scale of target '{name}' is {value:.3g}: the "
-                "composition baseline already reproduces every training value (too "
-                "few structures for the number of elements?), and dividing by this "
-                "scale would blow the loss up. The scale is set to 1 instead; give "
-                f"'fixed_scaling_weights: {{{name}: ...}}' to choose it yourself"
-            )
-        fit_scales(fixed_weights={**scaling_weights, **dict.fromkeys(degenerate, 1.0)})
+    for name, value in degenerate_scales(model.scaler, scaling_weights).items():
+        logging.warning(
+            f"The fitted scale of target '{name}' is {value:.3g}: the composition "
+            "baseline already reproduces every training value (too few structures "
+            "for the number of elements?), and dividing by this scale would blow "
+            "the loss up. The scale is set to 1 instead (every scale of this target, "
+            "for targets with several properties); give "
+            f"'fixed_scaling_weights: {{{name}: ...}}' to choose it yourself"
+        )
+        reset_scales(model.scaler, name)
+
+
+def reset_scales(scaler: Any, name: str) -> None:
+    """Set every scale of target ``name`` to 1, in the scaler's TensorMaps and in
+    the buffers that checkpoints and the exported model read."""
+    maps = {
+        "_scaler_buffer": scaler.model.scales,
+        "_per_target_scaler_buffer": scaler.model.per_target_scales,
+        "_per_property_scaler_buffer": scaler.model.per_property_scales,
+    }
+    for suffix, scales in maps.items():
+        if name not in scales:
+            continue
+        for block in scales[name].blocks():
+            block.values[:] = 1.0
+        device = getattr(scaler, name + suffix).device
+        buffer = mts.save_buffer(
+            mts.make_contiguous(scales[name].to("cpu", torch.float64))
+        )
+        scaler.register_buffer(name + suffix, buffer.to(device))
 
 
 def degenerate_scales(scaler: Any, fixed: Dict[str, Any]) -> Dict[str, float]:
