@@ -51,6 +51,7 @@ nitpicky = True
 nitpick_ignore = [
     ("py:class", "annotated_types.Gt"),
     ("py:class", "annotated_types.Ge"),
+    ("py:class", "annotated_types.Lt"),
 ]
 
 html_theme = "furo"

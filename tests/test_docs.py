@@ -25,6 +25,7 @@ PAGES = [
     "quickstart",
     "default-hypers",
     "tuning",
+    "recipe",
     "reference",
     "outputs",
     "foundation-models",

@@ -4,7 +4,8 @@ Each entry of ``MODEL_UPDATES`` / ``TRAINER_UPDATES`` maps version ``v`` to a
 function updating a checkpoint dict from ``v`` to ``v + 1`` in place. Version 1 is
 the first published format; model version 2 adds ``model_data["mace_trunk"]``,
 model version 3 the ``embedding_specs`` hyper, trainer version 2 the
-``frozen_layers`` and ``lr_factors`` hypers.
+``frozen_layers`` and ``lr_factors`` hypers, trainer version 3 the EMA and stage
+two of MACE's recipe.
 """
 
 from typing import Any, Callable, Dict
@@ -37,7 +38,22 @@ def _trainer_v1_to_v2(checkpoint: Dict[str, Any]) -> None:
 
 
 MODEL_UPDATES: Dict[int, Update] = {1: _model_v1_to_v2, 2: _model_v2_to_v3}
-TRAINER_UPDATES: Dict[int, Update] = {1: _trainer_v1_to_v2}
+
+
+def _trainer_v2_to_v3(checkpoint: Dict[str, Any]) -> None:
+    """v3 has MACE's recipe: ``ema_decay`` and the ``stage_two_*`` hypers, and the
+    weight average and stage-two scheduler states (none before)."""
+    hypers = checkpoint.get("train_hypers")
+    if hypers is not None:
+        hypers.setdefault("ema_decay", None)
+        hypers.setdefault("stage_two_epoch", None)
+        hypers.setdefault("stage_two_loss", None)
+        hypers.setdefault("stage_two_learning_rate", 1e-3)
+    checkpoint.setdefault("ema_state", None)
+    checkpoint.setdefault("stage_two_scheduler_state_dict", None)
+
+
+TRAINER_UPDATES: Dict[int, Update] = {1: _trainer_v1_to_v2, 2: _trainer_v2_to_v3}
 
 
 def upgrade(

@@ -16,7 +16,7 @@ module imports neither torch nor mace, so that it can be read cheaply.
 
 from typing import Annotated, Any, Dict, Literal, Optional, Union
 
-from annotated_types import Ge, Gt
+from annotated_types import Ge, Gt, Lt
 from pydantic import ConfigDict, with_config
 from typing_extensions import NotRequired, TypedDict
 
@@ -331,6 +331,26 @@ class TrainerHypers(TypedDict):
     """Loss of every target and gradient: a name (``mse``, ``mae``, ``huber``...)
     for all, or one entry per target with ``weight`` and per-gradient
     (``forces``, ``stress``, ``virial``) settings."""
+    ema_decay: Optional[Annotated[float, Gt(0), Lt(1)]] = None
+    """Decay of an exponential moving average (EMA) of the weights, updated after
+    every optimizer step (mace-torch's ``--ema --ema_decay``; 0.99 is MACE's
+    usual value); ``null`` turns it off. With it, validation, the choice of the
+    best model, the best weights in the checkpoints and the exported model use the
+    averaged weights, while training goes on with the raw ones; checkpoints keep
+    the average, and ``--restart`` continues it."""
+    stage_two_epoch: Optional[Annotated[int, Ge(0)]] = None
+    """First epoch of stage two (mace-torch's ``--swa`` / ``--stage_two``, which
+    starts at 75% of the epochs); ``null`` turns it off. From this epoch on the loss
+    is ``stage_two_loss`` and the learning rate goes to ``stage_two_learning_rate``
+    (``torch.optim.swa_utils.SWALR``; the plateau scheduler stops), and the best
+    model is tracked afresh, since the loss changed."""
+    stage_two_loss: Optional[Union[str, Dict[str, Any]]] = None
+    """Loss of stage two, in the format of ``loss``, put over it: only what
+    changes (mace-torch: ``{energy: {weight: 1000.0, forces: {weight: 100.0}}}``);
+    ``null`` keeps ``loss``."""
+    stage_two_learning_rate: Annotated[float, Gt(0)] = 1e-3
+    """Learning rate of stage two (times ``lr_factors``), reached within one epoch
+    (mace-torch's ``--swa_lr``)."""
     finetune: Union[
         NoFinetuneHypers, FullFinetuneHypers, HeadsFinetuneHypers, LoRAFinetuneHypers
     ] = {

@@ -1,5 +1,6 @@
 """Trainer of the ``experimental.mace`` architecture, on metatrain's machinery."""
 
+import contextlib
 import copy
 import functools
 import logging
@@ -57,6 +58,13 @@ from metatrain_mace.optimization import (
     freeze_layers,
     same_layout,
     step_scheduler,
+)
+from metatrain_mace.recipe import (
+    WeightAverage,
+    in_stage_two,
+    log_stage_two,
+    stage_two_loss,
+    stage_two_scheduler,
 )
 
 
@@ -124,7 +132,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
     """Trains :class:`metatrain_mace.model.MetaMACE` with metatrain's losses,
     baselines, data loading and logging, and a MACE-style optimizer."""
 
-    __checkpoint_version__ = 2
+    __checkpoint_version__ = 3
 
     def __init__(self, hypers: TrainerHypers) -> None:
         super().__init__(hypers)
@@ -135,6 +143,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
         self.best_metric: Optional[float] = None
         self.best_model_state_dict: Optional[Dict[str, Any]] = None
         self.best_optimizer_state_dict: Optional[Dict[str, Any]] = None
+        self.ema_state: Optional[Dict[str, Any]] = None
+        self.stage_two_scheduler_state_dict: Optional[Dict[str, Any]] = None
 
     def train(
         self,
@@ -317,6 +327,12 @@ class Trainer(TrainerInterface[TrainerHypers]):
         logging.info("Loss functions:")
         for name, info in loss_fn.metadata.items():
             logging.info(f"  {name}: {info}")
+        stage_two_fn = None
+        if self.hypers["stage_two_epoch"] is not None:
+            stage_two_fn = LossAggregator(
+                targets=train_targets,
+                config=stage_two_loss(loss_hypers, self.hypers["stage_two_loss"]),
+            )
 
         freeze_layers(model, self.hypers["frozen_layers"])
         optimizer = build_optimizer(model, self.hypers)
@@ -335,6 +351,31 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 )
         logging.info(f"Initial learning rate: {base_learning_rate(optimizer)}")
 
+        average: Optional[WeightAverage] = None
+        if self.hypers["ema_decay"] is not None:
+            average = WeightAverage(model, self.hypers["ema_decay"])
+            if self.ema_state is not None and not average.load_state_dict(
+                self.ema_state
+            ):
+                logging.warning(
+                    "The weight average of the checkpoint describes other "
+                    "parameters: it starts afresh from the current weights"
+                )
+            logging.info(
+                f"Exponential moving average of the weights, decay "
+                f"{self.hypers['ema_decay']}: validation, the best model, "
+                "checkpoints and the export use the averaged weights"
+            )
+        swa_scheduler = None
+        # a restart inside stage two (one at its first epoch switches in the loop)
+        if in_stage_two(self.hypers, start_epoch - 1):
+            log_stage_two(self.hypers, start_epoch)
+            swa_scheduler = stage_two_scheduler(
+                optimizer, self.hypers["stage_two_learning_rate"]
+            )
+            if self.stage_two_scheduler_state_dict is not None:
+                swa_scheduler.load_state_dict(self.stage_two_scheduler_state_dict)
+
         # gradients are averaged over the ranks during the backward pass
         network = distributed.data_parallel(model, context)
 
@@ -350,7 +391,6 @@ class Trainer(TrainerInterface[TrainerHypers]):
             self._run_epoch,
             model,
             train_targets=train_targets,
-            loss_fn=loss_fn,
             per_structure=per_structure,
             not_per_atom=not_per_atom,
             dtype=dtype,
@@ -370,6 +410,14 @@ class Trainer(TrainerInterface[TrainerHypers]):
             self.save_checkpoint(model, Path(checkpoint_dir) / LATEST)
         logging.info("Starting training")
         for epoch in range(start_epoch, self.hypers["num_epochs"]):
+            if swa_scheduler is None and in_stage_two(self.hypers, epoch):
+                # other loss weights: losses before and after do not compare
+                log_stage_two(self.hypers, epoch)
+                swa_scheduler = stage_two_scheduler(
+                    optimizer, self.hypers["stage_two_learning_rate"]
+                )
+                self.best_metric = math.inf
+            current_loss = loss_fn if swa_scheduler is None else stage_two_fn
             for sampler in epoch_samplers:
                 if hasattr(sampler, "set_epoch"):
                     sampler.set_epoch(epoch)
@@ -378,26 +426,56 @@ class Trainer(TrainerInterface[TrainerHypers]):
             )
             train_loss, train_metrics_epoch = run_epoch(
                 train_loader,
+                loss_fn=current_loss,
                 network=network,
                 optimizer=optimizer,
+                average=average,
                 with_metrics=log_this_epoch,
             )
             if log_this_epoch:
                 train_metrics = {"loss": train_loss, **train_metrics_epoch}
 
-            if has_validation:
-                # the model stays in training mode: in evaluation mode it would add
-                # the baselines that the collate function removed from the targets
-                with torch.set_grad_enabled(needs_grad):
-                    val_loss, val_metrics = run_epoch(
-                        val_loader, network=model, optimizer=None, with_metrics=True
+            # validation and the best model see the averaged weights (with EMA)
+            averaged = (
+                contextlib.nullcontext() if average is None else average.applied(model)
+            )
+            with averaged:
+                if has_validation:
+                    # the model stays in training mode: in evaluation mode it would
+                    # add the baselines that the collate function removed
+                    with torch.set_grad_enabled(needs_grad):
+                        val_loss, val_metrics = run_epoch(
+                            val_loader,
+                            loss_fn=current_loss,
+                            network=model,
+                            optimizer=None,
+                            average=None,
+                            with_metrics=True,
+                        )
+                    val_metrics = {"loss": val_loss, **val_metrics}
+                    logged = [train_metrics, val_metrics]
+                else:
+                    val_loss, val_metrics = train_loss, {"loss": train_loss}
+                    logged = [train_metrics]
+
+                # the metrics are reduced over all ranks: every rank takes the
+                # same decisions (without validation data: the training loss)
+                metric = (
+                    get_selected_metric(val_metrics, self.hypers["best_model_metric"])
+                    if has_validation
+                    else train_loss
+                )
+                if metric < self.best_metric:
+                    self.best_metric = metric
+                    self.best_epoch = epoch
+                    self.best_model_state_dict = copy.deepcopy(model.state_dict())
+                    self.best_optimizer_state_dict = copy.deepcopy(
+                        optimizer.state_dict()
                     )
-                val_metrics = {"loss": val_loss, **val_metrics}
-                logged = [train_metrics, val_metrics]
+            if swa_scheduler is not None:
+                swa_scheduler.step()  # the plateau scheduler stops in stage two
             else:
-                val_loss, val_metrics = train_loss, {"loss": train_loss}
-                logged = [train_metrics]
-            step_scheduler(scheduler, val_loss)
+                step_scheduler(scheduler, val_loss)
 
             if metric_logger is None:
                 metric_logger = MetricLogger(
@@ -414,24 +492,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
                     learning_rate=base_learning_rate(optimizer),
                 )
 
-            # the metrics are reduced over all ranks: every rank takes the same
-            # decisions (without validation data: the training loss)
-            metric = (
-                get_selected_metric(val_metrics, self.hypers["best_model_metric"])
-                if has_validation
-                else train_loss
-            )
-            if metric < self.best_metric:
-                self.best_metric = metric
-                self.best_epoch = epoch
-                self.best_model_state_dict = copy.deepcopy(model.state_dict())
-                self.best_optimizer_state_dict = copy.deepcopy(optimizer.state_dict())
-
             # a rolling checkpoint after every epoch (a kill loses at most one
             # epoch), and a kept one every checkpoint_interval epochs
             self.epoch = epoch
-            self.optimizer_state_dict = optimizer.state_dict()
-            self.scheduler_state_dict = scheduler.state_dict()
+            self._keep_states(optimizer, scheduler, average, swa_scheduler)
             if context.is_main:
                 self.save_checkpoint(model, Path(checkpoint_dir) / LATEST)
                 if epoch % self.hypers["checkpoint_interval"] == 0:
@@ -441,22 +505,37 @@ class Trainer(TrainerInterface[TrainerHypers]):
             distributed.barrier(context)
 
         self.epoch = epoch if self.hypers["num_epochs"] > start_epoch else self.epoch
+        self._keep_states(optimizer, scheduler, average, swa_scheduler)
+
+    def _keep_states(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        average: Optional[WeightAverage],
+        swa_scheduler: Any,
+    ) -> None:
+        """The states that checkpoints save and restarts restore."""
         self.optimizer_state_dict = optimizer.state_dict()
         self.scheduler_state_dict = scheduler.state_dict()
+        self.ema_state = None if average is None else average.state_dict()
+        self.stage_two_scheduler_state_dict = (
+            None if swa_scheduler is None else swa_scheduler.state_dict()
+        )
 
     def _run_epoch(
         self,
         model: MetaMACE,
         loader: CombinedDataLoader,
         train_targets: Dict[str, Any],
-        loss_fn: LossAggregator,
         per_structure: List[str],
         not_per_atom: List[str],
         dtype: torch.dtype,
         context: distributed.Context,
         scale_properties: bool,
+        loss_fn: LossAggregator,
         network: torch.nn.Module,
         optimizer: Optional[torch.optim.Optimizer],
+        average: Optional[WeightAverage],
         with_metrics: bool,
     ) -> tuple:
         """One pass over ``loader``; trains when ``optimizer`` is given.
@@ -513,6 +592,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
                     model.parameters(), self.hypers["grad_clip_norm"]
                 )
                 optimizer.step()
+                if average is not None:
+                    average.update(model)
             total_loss += loss.item()
             if with_metrics:
                 metrics_in_target_units.update(
@@ -540,6 +621,8 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 "best_metric": self.best_metric,
                 "best_model_state_dict": self.best_model_state_dict,
                 "best_optimizer_state_dict": self.best_optimizer_state_dict,
+                "ema_state": self.ema_state,
+                "stage_two_scheduler_state_dict": self.stage_two_scheduler_state_dict,
             }
         )
         atomic_save(checkpoint, check_file_extension(path, ".ckpt"))
@@ -560,6 +643,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
             trainer.best_metric = checkpoint["best_metric"]
             trainer.best_model_state_dict = checkpoint["best_model_state_dict"]
             trainer.best_optimizer_state_dict = checkpoint["best_optimizer_state_dict"]
+            trainer.ema_state = checkpoint["ema_state"]
+            trainer.stage_two_scheduler_state_dict = checkpoint[
+                "stage_two_scheduler_state_dict"
+            ]
         return trainer
 
     @classmethod

@@ -1,0 +1,127 @@
+"""MACE's training recipe: the weight average (EMA) and stage two."""
+
+import copy
+import logging
+from pathlib import Path
+
+import ase.io
+import pytest
+import torch
+from metatrain.cli.train import train_model
+from omegaconf import OmegaConf
+
+from metatrain_mace.recipe import WeightAverage, stage_two_loss
+from test_bad_input import options
+
+
+def test_weight_average_is_the_exponential_moving_average() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)).double()
+    history = [[p.detach().clone() for p in model.parameters()]]
+    average = WeightAverage(model, decay=0.9)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        history.append([p.detach().clone() for p in model.parameters()])
+        average.update(model)
+    # W_0 = W_model(0); W_t = 0.9 W_{t-1} + 0.1 W_model(t)
+    expected = history[0]
+    for step in history[1:]:
+        expected = [0.9 * e + 0.1 * s for e, s in zip(expected, step, strict=True)]
+    for got, want in zip(average.average, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+    raw = [p.detach().clone() for p in model.parameters()]
+    with average.applied(model):
+        for p, want in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-12)
+    for p, want in zip(model.parameters(), raw, strict=True):
+        assert torch.equal(p.detach(), want)  # the raw weights are back, exactly
+
+    restored = WeightAverage(model, decay=0.9)
+    assert restored.load_state_dict(average.state_dict())
+    assert restored.updates == 5
+    assert not WeightAverage(torch.nn.Linear(2, 2), 0.9).load_state_dict(
+        average.state_dict()
+    )
+
+
+def test_stage_two_loss_is_put_over_the_loss() -> None:
+    loss = {
+        "energy": {
+            "type": "mse",
+            "weight": 1.0,
+            "reduction": "mean",
+            "gradients": {"positions": {"type": "mse", "weight": 10.0}},
+        }
+    }
+    two = stage_two_loss(loss, {"energy": {"weight": 1000.0, "forces": {"weight": 1}}})
+    assert two["energy"]["weight"] == 1000.0
+    assert two["energy"]["gradients"]["positions"] == {"type": "mse", "weight": 1}
+    assert loss["energy"]["weight"] == 1.0  # not modified
+    assert stage_two_loss(loss, "mae")["energy"]["gradients"]["positions"]["type"] == (
+        "mae"
+    )
+    with pytest.raises(ValueError, match="'dipole', which is not a target"):
+        stage_two_loss(loss, {"dipole": {"weight": 2.0}})
+    with pytest.raises(ValueError, match="sets the strain gradient of 'energy'"):
+        stage_two_loss(loss, {"energy": {"stress": {"weight": 2.0}}})
+
+
+def train(config: dict, workdir: Path, name: str, restart=None) -> Path:
+    run = workdir / "outputs" / name
+    run.mkdir(parents=True)
+    train_model(
+        OmegaConf.create(copy.deepcopy(config)),
+        output=str(workdir / f"{name}.pt"),
+        checkpoint_dir=str(run),
+        restart_from=None if restart is None else str(restart),
+    )
+    return run
+
+
+def test_ema_and_stage_two_in_training(
+    alloy_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    frames = ase.io.read(alloy_path, ":16")
+    ase.io.write(tmp_path / "data.xyz", frames, format="extxyz")
+    config = options(
+        tmp_path / "data.xyz",
+        num_epochs=4,
+        batch_size=4,
+        ema_decay=0.9,
+        stage_two_epoch=2,
+        stage_two_loss={"energy": {"weight": 1000.0, "forces": {"weight": 100.0}}},
+        stage_two_learning_rate=1e-3,
+    )
+    caplog.set_level(logging.INFO)
+    train(config, tmp_path, "first")
+    assert "Stage two from epoch 2" in caplog.text
+    assert "Exponential moving average of the weights, decay 0.9" in caplog.text
+    checkpoint = torch.load(tmp_path / "first.ckpt", weights_only=False)
+    # SWALR reached the stage-two rate within one epoch
+    for group in checkpoint["optimizer_state_dict"]["param_groups"]:
+        assert group["lr"] == pytest.approx(1e-3 * group.get("lr_factor", 1.0))
+    # the best model is tracked afresh from stage two on, and is the average
+    assert checkpoint["best_epoch"] >= 2
+    ema = checkpoint["ema_state"]
+    assert ema["updates"] == 4 * 3  # 12 training structures, batch 4, 4 epochs
+    if checkpoint["best_epoch"] == 3:
+        for name, value in ema["average"].items():
+            assert torch.equal(checkpoint["best_model_state_dict"][name], value)
+    raw = checkpoint["model_state_dict"]
+    assert any(
+        not torch.equal(raw[name], value) for name, value in ema["average"].items()
+    )
+
+    # a restart continues the average and stays in stage two
+    config["architecture"]["training"]["num_epochs"] = 5
+    caplog.clear()
+    train(config, tmp_path, "second", restart=tmp_path / "first.ckpt")
+    restarted = torch.load(tmp_path / "second.ckpt", weights_only=False)
+    assert restarted["ema_state"]["updates"] == 5 * 3
+    assert "Stage two from epoch 4" in caplog.text
+    assert restarted["best_metric"] <= checkpoint["best_metric"]
+    for group in restarted["optimizer_state_dict"]["param_groups"]:
+        assert group["lr"] == pytest.approx(1e-3 * group.get("lr_factor", 1.0))
