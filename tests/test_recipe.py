@@ -1,6 +1,7 @@
 """MACE's training recipe: the weight average (EMA) and stage two."""
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -125,3 +126,41 @@ def test_ema_and_stage_two_in_training(
     assert restarted["best_metric"] <= checkpoint["best_metric"]
     for group in restarted["optimizer_state_dict"]["param_groups"]:
         assert group["lr"] == pytest.approx(1e-3 * group.get("lr_factor", 1.0))
+
+
+TRAIN_CSV = """Epoch,learning rate,training loss,training energy RMSE (per atom),\
+validation loss,validation energy RMSE (per atom)
+,,,meV,,meV
+   0,1.000e-02,1.595e+03,114.72,1.7e+03,120.5
+   1,1.000e-02,1.191e+03,101.61,1.2e+03,99.0
+   2,5.000e-03,9.105e+02,80.00,9.5e+02,85.25
+   3,1.000e-03,5.000e+02,60.50,6.0e+02,70.0
+"""
+
+
+def test_plot_training_curves(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from metatrain_mace.cli import main
+    from metatrain_mace.plotting import plot_training
+
+    (tmp_path / "train.csv").write_text(TRAIN_CSV)
+    (tmp_path / "train.log").write_text(
+        "[...][INFO] - Stage two from epoch 2: loss ..., learning rate 0.001\n"
+    )
+    written = plot_training(tmp_path)
+    assert written == tmp_path / "training-curves.png"
+    image = Image.open(written)
+    assert image.size[0] > 300 and image.size[1] > 300
+    plotted = json.loads(image.text["Description"])
+    assert plotted["epochs"] == [0, 1, 2, 3]
+    assert plotted["stage_two_epoch"] == 2
+    columns = plotted["columns"]
+    assert columns["validation energy RMSE (per atom)"] == [120.5, 99.0, 85.25, 70.0]
+    assert columns["learning rate"] == [1e-2, 1e-2, 5e-3, 1e-3]
+
+    main(["plot", str(tmp_path), "-o", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").is_file()
+    with pytest.raises(SystemExit) as error:
+        main(["plot", str(tmp_path / "missing")])
+    assert error.value.code == 2

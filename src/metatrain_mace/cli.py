@@ -1,4 +1,4 @@
-"""The ``metatrain-mace`` command line: ``metatrain-mace export FILE.model``."""
+"""The ``metatrain-mace`` command: ``export FILE.model`` and ``plot RUN_FOLDER``."""
 
 import argparse
 import logging
@@ -36,8 +36,33 @@ def main(argv: Optional[List[str]] = None) -> None:
         choices=["float64", "float32"],
         help="floating point precision of the exported model (default %(default)s)",
     )
+    plot = commands.add_parser(
+        "plot",
+        help="draw the training curves of an mtt train run",
+        description=(
+            "Draw the loss, the errors and the learning rate of an mtt train run "
+            "(its train.csv) against the epoch, as a PNG file."
+        ),
+    )
+    plot.add_argument("folder", help="output folder of the run (outputs/DATE/TIME)")
+    plot.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="PNG file (default FOLDER/training-curves.png)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    if args.command == "plot":
+        from metatrain_mace.plotting import plot_training
+
+        try:
+            written = plot_training(args.folder, args.output)
+        except (FileNotFoundError, ValueError) as err:
+            parser.exit(2, f"metatrain-mace plot: error: {err}\n")
+        logging.info(f"wrote {written}")
+        return
 
     from metatrain_mace.export import export_mace_model
 
