@@ -10,10 +10,11 @@ unreadable files and files that are not training checkpoints of
 instead.
 """
 
+import contextlib
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Iterator, List, Optional, Union
 
 import torch
 
@@ -26,19 +27,26 @@ BASELINE_FILES = ("composition_model.ckpt", "scaler.ckpt")
 checkpoints of the model."""
 
 
-def atomic_save(obj: Any, path: Union[str, Path]) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it."""
+@contextlib.contextmanager
+def _replaced_atomically(path: Union[str, Path]) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when
+    the block ends normally, removed in any case."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it."""
+    with _replaced_atomically(path) as temporary:
         with open(temporary, "wb") as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def save_model_atomically(
@@ -51,14 +59,8 @@ def save_model_atomically(
 
     from metatrain_mace.scripting import quiet_torchscript
 
-    path = Path(file)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with quiet_torchscript():
-            AtomisticModel.save(model, str(temporary), collect_extensions)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with _replaced_atomically(file) as temporary, quiet_torchscript():
+        AtomisticModel.save(model, str(temporary), collect_extensions)
 
 
 def is_intact(path: Path) -> bool:

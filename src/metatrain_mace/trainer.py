@@ -405,8 +405,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
         # a run killed during the first epoch restarts from here, not from the
         # baselines' checkpoints
         if context.is_main and self.epoch is None:
-            self.optimizer_state_dict = optimizer.state_dict()
-            self.scheduler_state_dict = scheduler.state_dict()
+            self._keep_states(optimizer, scheduler, average, swa_scheduler)
             self.save_checkpoint(model, Path(checkpoint_dir) / LATEST)
         logging.info("Starting training")
         for epoch in range(start_epoch, self.hypers["num_epochs"]):
