@@ -176,6 +176,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ase.io.write(folder / "my-data.xyz", frames, format="extxyz")
     ase.io.write(folder / "structure.xyz", frames[0], format="extxyz")
     ase.io.write(folder / "tiny.xyz", frames[:2], format="extxyz")
+    ase.io.write(folder / "replay.xyz", frames[8:], format="extxyz")
     save_mace_model(folder / "MACE-foundation.model", atomic_numbers=[29, 79])
     from metatrain_mace.export import export_mace_model
 

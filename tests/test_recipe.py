@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 
 import ase.io
@@ -26,10 +27,13 @@ def test_weight_average_is_the_exponential_moving_average() -> None:
                 p.add_(torch.randn_like(p))
         history.append([p.detach().clone() for p in model.parameters()])
         average.update(model)
-    # W_0 = W_model(0); W_t = 0.9 W_{t-1} + 0.1 W_model(t)
+    # W_0 = W_model(0); W_t = d_t W_{t-1} + (1 - d_t) W_model(t), with torch_ema's
+    # warm-up d_t = min(0.9, (1 + t) / (10 + t)) for t = 0, 1, ... updates before
     expected = history[0]
-    for step in history[1:]:
-        expected = [0.9 * e + 0.1 * s for e, s in zip(expected, step, strict=True)]
+    for t, step in enumerate(history[1:]):
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * s for e, s in zip(expected, step, strict=True)]
+    assert average.current_decay() == pytest.approx(6 / 15)  # after 5 updates
     for got, want in zip(average.average, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
@@ -83,7 +87,10 @@ def train(config: dict, workdir: Path, name: str, restart=None) -> Path:
 
 
 def test_ema_and_stage_two_in_training(
-    alloy_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    alloy_path: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     frames = ase.io.read(alloy_path, ":16")
     ase.io.write(tmp_path / "data.xyz", frames, format="extxyz")
@@ -127,6 +134,79 @@ def test_ema_and_stage_two_in_training(
     for group in restarted["optimizer_state_dict"]["param_groups"]:
         assert group["lr"] == pytest.approx(1e-3 * group.get("lr_factor", 1.0))
 
+    monkeypatch.chdir(tmp_path)  # mtt eval writes its predictions into the cwd
+    check_parity_plot(tmp_path / "second.pt", tmp_path / "data.xyz", caplog)
+
+
+def check_parity_plot(
+    model_path: Path, data: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mtt eval's predictions against the references, as drawn by metatrain-mace
+    plot: the plotted pairs are metatomic's ASE calculator against the data, and
+    the RMSE in the picture is the one mtt eval logs."""
+    from metatomic.torch import load_atomistic_model
+    from metatomic_ase import MetatomicCalculator
+    from metatrain.cli.eval import eval_model
+    from PIL import Image
+
+    from metatrain_mace.cli import main
+
+    references = data.parent / "eval.yaml"
+    references.write_text(
+        f"systems:\n  read_from: {data.name}\n  length_unit: angstrom\n"
+        "targets:\n  energy:\n    key: REF_energy\n    unit: eV\n"
+        "    forces:\n      key: REF_forces\n    stress:\n      key: REF_stress\n"
+    )
+    predictions = data.parent / "predictions.xyz"
+    caplog.clear()
+    eval_model(
+        load_atomistic_model(str(model_path)),
+        OmegaConf.create(
+            {
+                "systems": {"read_from": str(data), "length_unit": "angstrom"},
+                "targets": {
+                    "energy": {
+                        "key": "REF_energy",
+                        "unit": "eV",
+                        "forces": {"key": "REF_forces"},
+                        "stress": {"key": "REF_stress"},
+                    }
+                },
+            }
+        ),
+        output=predictions.name,
+    )
+    main(["plot", "--predictions", str(predictions), "--references", str(references)])
+    image = Image.open(data.parent / "predictions-parity.png")
+    panels = json.loads(image.text["Description"])
+    assert set(panels) == {"energy per atom", "forces", "stress"}
+
+    frames = ase.io.read(data, ":")
+    calculator = MetatomicCalculator(str(model_path))
+    energies, forces, stresses = [], [], []
+    for atoms in frames:
+        atoms.calc = calculator
+        energies.append(atoms.get_potential_energy() / len(atoms))
+        forces.extend(atoms.get_forces().reshape(-1))
+        stresses.extend(atoms.get_stress(voigt=False).reshape(-1))
+    reference = [a.info["REF_energy"] / len(a) for a in frames]
+    torch.testing.assert_close(panels["energy per atom"]["reference"], reference)
+    torch.testing.assert_close(
+        panels["energy per atom"]["prediction"], energies, rtol=0, atol=1e-9
+    )
+    torch.testing.assert_close(
+        panels["forces"]["prediction"], forces, atol=1e-9, rtol=0
+    )
+    torch.testing.assert_close(
+        panels["stress"]["prediction"], stresses, atol=1e-9, rtol=0
+    )
+    # mtt eval logs the RMSE of the energy per atom and of the forces in meV
+    logged = re.search(r"energy RMSE \(per atom\): ([\d.]+) meV", caplog.text)
+    assert logged is not None
+    assert panels["energy per atom"]["rmse"] * 1000 == pytest.approx(
+        float(logged.group(1)), rel=1e-3, abs=0.06
+    )
+
 
 TRAIN_CSV = """Epoch,learning rate,training loss,training energy RMSE (per atom),\
 validation loss,validation energy RMSE (per atom)
@@ -163,4 +243,7 @@ def test_plot_training_curves(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").is_file()
     with pytest.raises(SystemExit) as error:
         main(["plot", str(tmp_path / "missing")])
+    assert error.value.code == 2
+    with pytest.raises(SystemExit) as error:
+        main(["plot", "--predictions", "predictions.xyz"])
     assert error.value.code == 2

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Union
 
 import metatensor.torch as mts
+import numpy as np
 import torch
+from metatomic.torch import ModelOutput
 from metatrain.composition import train_or_load_composition_model
 from metatrain.scaler import train_or_load_scaler
+from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
 from metatrain_mace.foundation import energy_baseline
 
@@ -73,6 +76,10 @@ def fit_baselines(
     """
     atomic_baseline, scaling_weights = fixed_weights_from_file(
         model, hypers["atomic_baseline"], hypers["fixed_scaling_weights"]
+    )
+    scaling_weights = inherited_scales(model, scaling_weights)
+    atomic_baseline = estimated_baselines(
+        model, train_datasets, atomic_baseline, scaling_weights
     )
     # metatrain writes the baselines' checkpoints straight onto their final
     # names: write them into a hidden folder and move them once complete
@@ -151,6 +158,107 @@ def _fit(
             f"'fixed_scaling_weights: {{{name}: ...}}' to choose it yourself"
         )
         reset_scales(model.scaler, name)
+
+
+def inherited_scales(model: Any, scaling_weights: FixedWeights) -> FixedWeights:
+    """Targets whose head is a copy of MACE's readout keep the scale of
+    ``mace_head_target`` (unless ``fixed_scaling_weights`` gives one): the copy
+    then starts from the original head's predictions, and the two heads weigh
+    alike in the loss. A scale fitted on the energies of the new data alone can be
+    far smaller (small energy spread) and would blow up the weight of its forces.
+    """
+    if isinstance(scaling_weights, str) or not model.readout_heads:
+        return scaling_weights
+    source = model.mace_head_target
+    if model.from_file:
+        _, scale = energy_baseline(model.mace, model.head_index)
+    else:
+        scales = model.scaler.model.per_target_scales[source]
+        scale = float(scales.block().values.reshape(-1)[0])
+    inherited = {
+        name: scale for name in model.readout_heads if name not in scaling_weights
+    }
+    for name in inherited:
+        logging.info(
+            f"The scale of '{name}' is the one of '{source}' ({scale:.6g}), whose "
+            "readout its head copies"
+        )
+    return {**scaling_weights, **inherited}
+
+
+def estimated_baselines(
+    model: Any,
+    train_datasets: List[Any],
+    atomic_baseline: FixedWeights,
+    scaling_weights: FixedWeights,
+) -> FixedWeights:
+    """Baselines of the targets whose head is a copy of MACE's readout (unless
+    ``atomic_baseline`` gives them): those of ``mace_head_target``, corrected per
+    element by the least-squares fit of what the copied head leaves unexplained in
+    the new data (mace-torch's ``--E0s estimated``).
+
+    A baseline fitted on the new energies alone would count the readout's
+    (cohesive) energy twice, since the copy predicts it already; elements absent
+    from the new data keep the original head's value.
+    """
+    if isinstance(atomic_baseline, str) or isinstance(scaling_weights, str):
+        return atomic_baseline
+    names = [name for name in model.readout_heads if name not in atomic_baseline]
+    if not names:
+        return atomic_baseline
+    source = model.mace_head_target
+    types = list(model.atomic_types)
+    weights = model.additive_models[0].model.weights[source].block().values
+    offsets = np.array(weights.detach().cpu().reshape(-1).tolist(), dtype=float)
+    options = model.requested_neighbor_lists()
+    parameter = next(model.parameters())
+    counts: Dict[str, List[List[int]]] = {name: [] for name in names}
+    residuals: Dict[str, List[float]] = {name: [] for name in names}
+    was_training = model.training
+    model.train()  # the raw outputs, before any baseline and scale
+    with torch.no_grad():
+        for dataset in train_datasets:
+            for index in range(len(dataset)):
+                sample = dataset[index]._asdict()
+                present = [name for name in names if name in sample]
+                if not present:
+                    continue
+                system = sample["system"].to(parameter.dtype, parameter.device)
+                system = get_system_with_neighbor_lists(system, options)
+                outputs = model(
+                    [system],
+                    {name: ModelOutput(sample_kind="system") for name in present},
+                )
+                number = [int((system.types == t).sum()) for t in types]
+                for name in present:
+                    predicted = float(scaling_weights[name]) * float(
+                        outputs[name].block().values.sum()
+                    )
+                    reference = float(sample[name].block().values.sum())
+                    counts[name].append(number)
+                    residuals[name].append(
+                        reference - predicted - float(np.dot(number, offsets))
+                    )
+    model.train(was_training)
+    estimated = {}
+    for name in names:
+        if not counts[name]:
+            continue
+        correction = np.linalg.lstsq(
+            np.array(counts[name], dtype=float),
+            np.array(residuals[name]),
+            rcond=None,
+        )[0]
+        values = {
+            t: float(o + c) for t, o, c in zip(types, offsets, correction, strict=True)
+        }
+        estimated[name] = values
+        logging.info(
+            f"The composition baseline of '{name}' is the one of '{source}' "
+            "corrected by a least-squares fit of what the copied head leaves "
+            f"unexplained in its data: {values}"
+        )
+    return {**atomic_baseline, **estimated}
 
 
 def reset_scales(scaler: Any, name: str) -> None:

@@ -38,30 +38,47 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     plot = commands.add_parser(
         "plot",
-        help="draw the training curves of an mtt train run",
+        help="draw the training curves of an mtt train run, or parity plots of an "
+        "mtt eval run",
         description=(
             "Draw the loss, the errors and the learning rate of an mtt train run "
-            "(its train.csv) against the epoch, as a PNG file."
+            "(its train.csv) against the epoch, and/or the predictions written by "
+            "mtt eval against their references, as PNG files."
         ),
     )
-    plot.add_argument("folder", help="output folder of the run (outputs/DATE/TIME)")
+    plot.add_argument(
+        "folder",
+        nargs="?",
+        default=None,
+        help="output folder of an mtt train run (outputs/DATE/TIME)",
+    )
     plot.add_argument(
         "-o",
         "--output",
         default=None,
-        help="PNG file (default FOLDER/training-curves.png)",
+        help="PNG file of the training curves (default FOLDER/training-curves.png)",
+    )
+    plot.add_argument(
+        "--predictions",
+        default=None,
+        help="predictions written by mtt eval (e.g. predictions.xyz)",
+    )
+    plot.add_argument(
+        "--references",
+        default=None,
+        help="the options file given to mtt eval (eval.yaml), which names the "
+        "reference values",
+    )
+    plot.add_argument(
+        "--parity-output",
+        default=None,
+        help="PNG file of the parity plots (default PREDICTIONS-parity.png)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     if args.command == "plot":
-        from metatrain_mace.plotting import plot_training
-
-        try:
-            written = plot_training(args.folder, args.output)
-        except (FileNotFoundError, ValueError) as err:
-            parser.exit(2, f"metatrain-mace plot: error: {err}\n")
-        logging.info(f"wrote {written}")
+        _plot(plot, args)
         return
 
     from metatrain_mace.export import export_mace_model
@@ -71,6 +88,24 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"metatrain-mace export: error: {err}\n")
     logging.info(f"exported {args.path} to {args.output}")
+
+
+def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``metatrain-mace plot``: training curves and/or parity plots."""
+    from metatrain_mace.plotting import plot_parity, plot_training
+
+    if (args.predictions is None) != (args.references is None):
+        parser.error("--predictions and --references go together")
+    if args.folder is None and args.predictions is None:
+        parser.error("give a run folder, or --predictions and --references")
+    try:
+        if args.folder is not None:
+            logging.info(f"wrote {plot_training(args.folder, args.output)}")
+        if args.predictions is not None:
+            written = plot_parity(args.predictions, args.references, args.parity_output)
+            logging.info(f"wrote {written}")
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"metatrain-mace plot: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,9 @@ class FullFinetuneHypers(TypedDict):
     config: NotRequired[Any]
     """Unused for ``full``."""
     inherit_heads: Dict[str, str] = {}
-    """Initialise the head of a new target (key) from an existing one (value)."""
+    """Initialise the head of a new target (key) from an existing one (value).
+    With ``mace_head_target`` as the value, the new target gets a copy of MACE's
+    energy readouts (multi-head replay fine-tuning, see the fine-tuning page)."""
 
 
 class HeadsFinetuneHypers(TypedDict):
@@ -114,7 +116,9 @@ class HeadsFinetuneHypers(TypedDict):
     }
     """Trainable module prefixes."""
     inherit_heads: Dict[str, str] = {}
-    """Initialise the head of a new target (key) from an existing one (value)."""
+    """Initialise the head of a new target (key) from an existing one (value).
+    With ``mace_head_target`` as the value, the new target gets a copy of MACE's
+    energy readouts (multi-head replay fine-tuning, see the fine-tuning page)."""
 
 
 class LoRAFinetuneConfig(TypedDict):
@@ -149,7 +153,9 @@ class LoRAFinetuneHypers(TypedDict):
     config: LoRAFinetuneConfig
     """Rank, scaling and placement of the adapters."""
     inherit_heads: Dict[str, str] = {}
-    """Initialise the head of a new target (key) from an existing one (value)."""
+    """Initialise the head of a new target (key) from an existing one (value).
+    With ``mace_head_target`` as the value, the new target gets a copy of MACE's
+    energy readouts (multi-head replay fine-tuning, see the fine-tuning page)."""
 
 
 class ModelHypers(TypedDict):
@@ -334,7 +340,9 @@ class TrainerHypers(TypedDict):
     ema_decay: Optional[Annotated[float, Gt(0), Lt(1)]] = None
     """Decay of an exponential moving average (EMA) of the weights, updated after
     every optimizer step (mace-torch's ``--ema --ema_decay``; 0.99 is MACE's
-    usual value); ``null`` turns it off. With it, validation, the choice of the
+    usual value); ``null`` turns it off. As in mace-torch (``torch_ema``), update
+    ``t`` uses ``min(ema_decay, (1 + t) / (10 + t))``, so that the average does not
+    hold on to the initial weights. With it, validation, the choice of the
     best model, the best weights in the checkpoints and the exported model use the
     averaged weights, while training goes on with the raw ones; checkpoints keep
     the average, and ``--restart`` continues it."""

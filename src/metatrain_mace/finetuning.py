@@ -8,6 +8,11 @@ import torch
 from metatrain_mace import lora
 
 
+#: key of ``finetune_config`` listing the targets whose head is a copy of MACE's
+#: readouts, so that loading a checkpoint rebuilds them before its weights
+READOUT_HEADS_KEY = "readout_heads"
+
+
 def apply_finetuning(
     model: torch.nn.Module, strategy: Dict[str, Any]
 ) -> torch.nn.Module:
@@ -19,7 +24,8 @@ def apply_finetuning(
     equivariant low-rank adapters (:mod:`metatrain_mace.lora`) and trains only
     those adapters and the modules of ``config.trainable_modules``.
     ``inherit_heads`` maps a new target to an existing one whose head weights
-    initialise it.
+    initialise it; when the existing one is ``mace_head_target``, the new target
+    gets a copy of MACE's readouts (:func:`inherit_heads`).
     """
     method = strategy["method"]
     if method not in ("full", "heads", "lora"):
@@ -27,6 +33,8 @@ def apply_finetuning(
             f"unknown fine-tuning method {method!r} in 'finetune.method'; use "
             "'full', 'heads' or 'lora'"
         )
+    # new heads first: the method then decides whether they train
+    inherit_heads(model, strategy.get("inherit_heads") or {})
     # requires_grad_ (not the attribute) so that MACE's EmptyParam stays frozen
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -47,15 +55,9 @@ def apply_finetuning(
     elif method == "lora":
         _apply_lora(model, strategy.get("config") or {})
 
-    for destination, source in (strategy.get("inherit_heads") or {}).items():
-        if source not in model.heads or destination not in model.heads:
-            raise ValueError(
-                f"cannot inherit the head of {source!r} into {destination!r}: "
-                f"heads exist for {list(model.heads.keys())}"
-            )
-        model.heads[destination].load_state_dict(model.heads[source].state_dict())
-
     model.finetune_config = dict(strategy)
+    if model.readout_heads:
+        model.finetune_config[READOUT_HEADS_KEY] = list(model.readout_heads)
     # adapters stay part of the model whatever later fine-tuning does: the record
     # lets load_checkpoint insert them again before loading the weights
     record = lora.adapter_record(model)
@@ -67,6 +69,48 @@ def apply_finetuning(
         f"Fine-tuning method '{method}': {trainable}/{total} parameters trainable"
     )
     return model
+
+
+def inherit_heads(model: torch.nn.Module, inherit: Dict[str, str]) -> None:
+    """Initialise the heads of new targets from those of existing ones.
+
+    A head of another target is copied weight for weight. MACE's own readout
+    (``mace_head_target``) is copied as a :class:`~metatrain_mace.heads.ReadoutHead`:
+    the new target starts from the predictions of the file's head and, trained on
+    its own data while the original target keeps training on replay data, forms
+    MACE's multi-head fine-tuning.
+    """
+    for destination, source in inherit.items():
+        if destination not in model.heads:
+            raise ValueError(
+                f"cannot initialise the head of {destination!r} from {source!r}: "
+                f"{destination!r} is not a new target of the training set (targets "
+                f"with a head: {list(model.heads.keys())})"
+            )
+        if source == model.mace_head_target:
+            model.add_readout_head(destination)
+            logging.info(
+                f"The head of {destination!r} starts as a copy of MACE's readout of "
+                f"{source!r}"
+            )
+        elif source in model.heads:
+            model.heads[destination].load_state_dict(model.heads[source].state_dict())
+        else:
+            raise ValueError(
+                f"cannot initialise the head of {destination!r} from {source!r}: "
+                f"{source!r} is neither MACE's readout target "
+                f"({model.mace_head_target!r}) nor a target with a head "
+                f"({list(model.heads.keys())})"
+            )
+
+
+def restore_readout_heads(
+    model: torch.nn.Module, finetune_config: Dict[str, Any]
+) -> None:
+    """Insert the readout heads recorded in a checkpoint's ``finetune_config``
+    again; call it before loading the checkpoint's state dict."""
+    for name in (finetune_config or {}).get(READOUT_HEADS_KEY) or []:
+        model.add_readout_head(name)
 
 
 def _apply_lora(model: torch.nn.Module, config: Dict[str, Any]) -> None:

@@ -8,8 +8,13 @@ last-layer features (for LLPR-style uncertainty): for MLP heads the input of the
 linear layer; for equivariant heads, whose last (and only) layer is linear in the node
 features of the target's irreps, the rotation-invariant norm of every channel of those
 features (LLPR needs one invariant feature vector per sample and target).
+
+A :class:`ReadoutHead` is a copy of MACE's own energy readouts, for a second
+energy-like target that starts from the file's head (MACE's multi-head fine-tuning,
+see :mod:`metatrain_mace.finetuning`).
 """
 
+import copy
 from typing import List, Tuple
 
 import torch
@@ -96,3 +101,67 @@ class EquivariantLinearHead(torch.nn.Module):
         for gather in self.gathers:
             norms.append(torch.linalg.vector_norm(gather(features), dim=1))
         return values, torch.cat(norms, dim=-1)
+
+
+def readout_last_layer_size(
+    readouts: torch.nn.ModuleList, layer_scalars: List[int]
+) -> int:
+    """Size of the last-layer features of MACE's readouts: the hidden layer of a
+    non-linear readout, the scalar features of the layer of a linear one."""
+    size = 0
+    for i, readout in enumerate(readouts):
+        if hasattr(readout, "linear_1"):
+            size += o3.Irreps(readout.linear_1.irreps_out).dim
+        else:
+            layer = len(layer_scalars) - 1 if len(readouts) == 1 else i
+            size += layer_scalars[layer]
+    return size
+
+
+class ReadoutHead(torch.nn.Module):
+    """A copy of MACE's per-layer energy readouts, for another energy-like target.
+
+    Its weights start as those of ``readouts`` (the head ``head_index`` of a
+    multi-head file), so that the new target starts from the predictions of the
+    file's head and then trains on its own data, on the shared trunk.
+
+    :param layer_dims: width of the node features of every layer, to split the
+        concatenated features the heads receive.
+    :param layer_scalars: number of scalar (0e) channels of every layer.
+    """
+
+    def __init__(
+        self,
+        readouts: torch.nn.ModuleList,
+        layer_dims: List[int],
+        layer_scalars: List[int],
+        head_index: int,
+    ):
+        super().__init__()
+        self.readouts = copy.deepcopy(readouts)
+        self.layer_dims = layer_dims
+        self.layer_scalars = layer_scalars
+        self.head_index = head_index
+        self.last_layer_size = readout_last_layer_size(readouts, layer_scalars)
+
+    def forward(
+        self, features: torch.Tensor, scalar_features: torch.Tensor
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        layers = torch.split(features, self.layer_dims, dim=-1)
+        n_atoms = features.shape[0]
+        node_heads = torch.full(
+            (n_atoms,), self.head_index, dtype=torch.int64, device=features.device
+        )
+        energy = features.new_zeros((n_atoms,))
+        last_layer: List[torch.Tensor] = []
+        n_readouts = len(self.readouts)
+        for i, readout in enumerate(self.readouts):
+            layer = len(layers) - 1 if n_readouts == 1 else i
+            energy = energy + readout(layers[layer], node_heads)[:, self.head_index]
+            if hasattr(readout, "linear_1"):
+                last_layer.append(
+                    readout.non_linearity(readout.linear_1(layers[layer]))
+                )
+            else:
+                last_layer.append(layers[layer][:, : self.layer_scalars[layer]])
+        return [energy.unsqueeze(-1)], torch.cat(last_layer, dim=-1)

@@ -25,7 +25,7 @@ from metatrain.utils.hypers import raise_if_hypers_mismatch
 from metatrain.utils.metadata import merge_metadata
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
-from metatrain_mace import checkpoints, foundation, lora
+from metatrain_mace import checkpoints, finetuning, foundation, lora
 from metatrain_mace._version import __version__
 from metatrain_mace.batching import systems_to_graph
 from metatrain_mace.builder import (
@@ -41,7 +41,9 @@ from metatrain_mace.heads import (
     EquivariantLinearBlock,
     EquivariantLinearHead,
     MLPHead,
+    ReadoutHead,
     irrep_of_block,
+    readout_last_layer_size,
 )
 from metatrain_mace.irreps_probe import produced_irreps
 from metatrain_mace.mace_import import o3
@@ -86,6 +88,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
     component_labels: Dict[str, List[List[Labels]]]
     property_labels: Dict[str, List[Labels]]
     per_atom_targets: List[str]
+    readout_heads: List[str]
 
     def __init__(
         self,
@@ -201,6 +204,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
             ),
         }
         self.heads = torch.nn.ModuleDict()
+        # targets whose head is a copy of MACE's readouts (see add_readout_head)
+        self.readout_heads = []
         self.target_names: List[str] = []
         self.per_atom_targets: List[str] = []
         self.key_labels: Dict[str, Labels] = {}
@@ -250,7 +255,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     f"{len(block.properties)} properties of a non-scalar or "
                     "multi-property kind; choose an energy-like target"
                 )
-            self.last_layer_feature_sizes[name] = self._mace_last_layer_size()
+            self.last_layer_feature_sizes[name] = readout_last_layer_size(
+                self.mace.readouts, self.layer_scalars
+            )
         elif info.is_scalar:
             self.heads[name] = MLPHead(
                 self.num_scalar_features,
@@ -299,17 +306,32 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.component_labels[name] = [b.components for b in info.layout.blocks()]
         self.property_labels[name] = [b.properties for b in info.layout.blocks()]
 
-    def _mace_last_layer_size(self) -> int:
-        """Size of the last-layer features of MACE's readouts (see _mace_energy)."""
-        size = 0
-        n_readouts = len(self.mace.readouts)
-        for i, readout in enumerate(self.mace.readouts):
-            if hasattr(readout, "linear_1"):
-                size += o3.Irreps(readout.linear_1.irreps_out).dim
-            else:
-                layer = len(self.layer_scalars) - 1 if n_readouts == 1 else i
-                size += self.layer_scalars[layer]
-        return size
+    def add_readout_head(self, name: str) -> None:
+        """Give the energy-like target ``name`` a copy of MACE's readouts (weights
+        included) as its head, in place of its MLP head: the new target starts
+        from the predictions of the file's head (MACE's multi-head fine-tuning)."""
+        info = self.dataset_info.targets.get(name)
+        if name not in self.heads or info is None:
+            raise ValueError(
+                f"cannot give {name!r} a copy of MACE's readout: it is not a target "
+                f"with a head of this model (targets: {self.target_names})"
+            )
+        if not info.is_scalar or len(info.layout.block().properties) != 1:
+            raise ValueError(
+                f"cannot initialise the head of {name!r} from MACE's readout of "
+                f"{self.mace_head_target!r}: the readout predicts one scalar per "
+                "atom, and this target is not a single scalar (an energy)"
+            )
+        self.heads[name] = ReadoutHead(
+            self.mace.readouts,
+            [irreps.dim for irreps in self.layer_irreps],
+            self.layer_scalars,
+            self.head_index,
+        )
+        if name not in self.readout_heads:
+            self.readout_heads.append(name)
+        self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
+        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
 
     def supported_outputs(self) -> Dict[str, ModelOutput]:
         return self.outputs
@@ -442,7 +464,28 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     )
                 else:
                     last_layer.append(features[layer][:, : self.layer_scalars[layer]])
+        energy = energy + self._extra_energy(
+            node_attrs, edge_index, vectors, conditioning
+        )
+        if len(last_layer) == 0:
+            return energy.unsqueeze(-1), energy.new_zeros((n_atoms, 0))
+        return energy.unsqueeze(-1), torch.cat(last_layer, dim=-1)
+
+    def _extra_energy(
+        self,
+        node_attrs: torch.Tensor,
+        edge_index: torch.Tensor,
+        vectors: torch.Tensor,
+        conditioning: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-atom energy of MACE outside its per-layer readouts: the readout of
+        the charge/spin embedding and ZBL pair repulsion (zero without them)."""
+        n_atoms = node_attrs.shape[0]
+        energy = torch.zeros(n_atoms, dtype=node_attrs.dtype, device=node_attrs.device)
         if hasattr(self.mace, "embedding_readout") and conditioning is not None:
+            node_heads = torch.full(
+                (n_atoms,), self.head_index, dtype=torch.int64, device=energy.device
+            )
             embedded = self.mace.node_embedding(node_attrs) + conditioning
             embedding_energy = self.mace.embedding_readout(embedded, node_heads)
             energy = energy + self.embedding_energy_factor * embedding_energy[
@@ -453,9 +496,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
             energy = energy + self.mace.pair_repulsion_fn(
                 lengths, node_attrs, edge_index, self.mace.atomic_numbers
             )
-        if len(last_layer) == 0:
-            return energy.unsqueeze(-1), energy.new_zeros((n_atoms, 0))
-        return energy.unsqueeze(-1), torch.cat(last_layer, dim=-1)
+        return energy
 
     def _check_types(self, types: torch.Tensor) -> torch.Tensor:
         in_range = types < self.type_to_index.shape[0]
@@ -625,6 +666,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
             llf_name = last_layer_features_name(name)
             if name in outputs or llf_name in outputs:
                 blocks, llf = head(all_features, scalar_features)
+                if name in self.readout_heads:
+                    # MACE adds ZBL and the embedding readout to every head
+                    blocks[0] = blocks[0] + self._extra_energy(
+                        node_attrs, edge_index, vectors, conditioning
+                    ).unsqueeze(-1)
                 if name in outputs:
                     result[name] = self._as_tensor_map(
                         name, blocks, samples, outputs[name], selected_atoms
@@ -753,7 +799,9 @@ class MetaMACE(ModelInterface[ModelHypers]):
             model_data["dataset_info"],
             mace=model_data.get("mace_trunk"),
         )
-        # LoRA adapters are modules of their own: insert them before the weights
+        # readout heads and LoRA adapters are modules of their own: insert them
+        # before the weights (in the order fine-tuning added them)
+        finetuning.restore_readout_heads(model, checkpoint.get("finetune_config"))
         lora.restore_adapters(model, checkpoint.get("finetune_config") or {})
         dtype = state_dict["avg_num_neighbors"].dtype
         model.to(dtype).load_state_dict(state_dict)

@@ -35,15 +35,22 @@ class WeightAverage:
             p.detach().clone() for _, p in model.named_parameters()
         ]
         self.updates = 0
-        self._update = get_ema_multi_avg_fn(decay)
 
     def _parameters(self, model: torch.nn.Module) -> List[torch.Tensor]:
         parameters = dict(model.named_parameters())
         return [parameters[name].detach() for name in self.names]
 
+    def current_decay(self) -> float:
+        """Decay of the next update: ``min(decay, (1 + t) / (10 + t))`` after ``t``
+        updates, the warm-up of ``torch_ema`` that mace-torch uses. Without it the
+        average keeps the random initial weights for hundreds of steps (0.99^200 =
+        13% of them after 200 steps) and validation lags training by epochs."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     def update(self, model: torch.nn.Module) -> None:
         """One EMA step, after an optimizer step."""
-        self._update(self.average, self._parameters(model), self.updates)
+        update = get_ema_multi_avg_fn(self.current_decay())
+        update(self.average, self._parameters(model), self.updates)
         self.updates += 1
 
     @contextlib.contextmanager
