@@ -9,8 +9,9 @@ classes are not duplicated and checkpoints, ``isinstance`` checks and pickles ag
 
 The same finder teaches metatrain which process is the main one under ``torchrun``
 (see :func:`is_main_process`), so that distributed runs started that way log, write
-checkpoints and export once, and checks ``--restart`` files of ``experimental.mace``
-runs before metatrain unpickles them.
+checkpoints and export once, checks ``--restart`` files of ``experimental.mace``
+runs before metatrain unpickles them, and refuses checkpoints of metatrain's own
+``experimental.mace`` clearly (:mod:`metatrain_mace.intree`).
 
 It must stay cheap: it imports nothing but the standard library, and the aliased
 package is only imported when someone asks for it. Set ``METATRAIN_MACE_DISABLE=1``
@@ -32,6 +33,7 @@ TARGET = "metatrain_mace"
 DISABLE_VARIABLE = "METATRAIN_MACE_DISABLE"
 MAIN_PROCESS_MODULE = "metatrain.utils.distributed.logging"
 TRAIN_MODULE = "metatrain.cli.train"
+IO_MODULE = "metatrain.utils.io"
 
 
 def _target_name(fullname: str) -> Optional[str]:
@@ -109,9 +111,29 @@ def train_model_checking_restart(original: Callable[..., Any]) -> Callable[..., 
     return train_model
 
 
+def model_from_checkpoint_refusing_intree(
+    original: Callable[..., Any],
+) -> Callable[..., Any]:
+    """metatrain's ``model_from_checkpoint``, refusing checkpoints of metatrain's
+    in-tree ``experimental.mace`` with the cause and ``METATRAIN_MACE_DISABLE=1``
+    (:mod:`metatrain_mace.intree`) instead of a wrong version message."""
+
+    def model_from_checkpoint(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
+        if not is_disabled():
+            from metatrain_mace.intree import refuse_intree_checkpoint
+
+            refuse_intree_checkpoint(checkpoint)
+        return original(checkpoint, *args, **kwargs)
+
+    model_from_checkpoint.__doc__ = original.__doc__
+    model_from_checkpoint.__wrapped__ = original  # type: ignore[attr-defined]
+    return model_from_checkpoint
+
+
 WRAPPERS = {
     MAIN_PROCESS_MODULE: ("is_main_process", is_main_process_with_rank),
     TRAIN_MODULE: ("train_model", train_model_checking_restart),
+    IO_MODULE: ("model_from_checkpoint", model_from_checkpoint_refusing_intree),
 }
 
 
