@@ -1,0 +1,176 @@
+"""Targets of :class:`~metatrain_mace.model.MetaMACE`: one head (or MACE's own
+readout) and two outputs per target, added at construction, by fine-tuning on new
+targets (``restart``) and by multi-head replay (``add_readout_head``)."""
+
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from metatomic.torch import ModelOutput
+from metatrain.composition import CompositionModel
+from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.data import DatasetInfo, TargetInfo
+from metatrain.utils.hypers import raise_if_hypers_mismatch
+
+from metatrain_mace import foundation
+from metatrain_mace.features import IrrepGather
+from metatrain_mace.heads import (
+    EquivariantLinearBlock,
+    EquivariantLinearHead,
+    MLPHead,
+    ReadoutHead,
+    irrep_of_block,
+    readout_last_layer_size,
+)
+from metatrain_mace.mace_import import o3
+from metatrain_mace.naming import ARCHITECTURE_NAME, last_layer_features_name
+from metatrain_mace.targets import check_target
+
+
+if TYPE_CHECKING:
+    from metatrain_mace.model import MetaMACE
+
+
+class TargetRegistration:
+    """Methods of :class:`MetaMACE` that add targets (never compiled)."""
+
+    def _add_output(self, name: str, info: TargetInfo) -> None:
+        """Add the head (or MACE readout) and the outputs of one target."""
+        check_target(
+            name,
+            info,
+            self.produced_irreps,
+            self.feature_irreps,
+            self.num_interactions,
+        )
+        if name == self.mace_head_target:
+            block = info.layout.block()
+            if not info.is_scalar or len(block.properties) != 1:
+                raise ValueError(
+                    f"'mace_head_target' is {name!r}, but MACE's readout predicts one "
+                    "scalar per atom and this target has "
+                    f"{len(block.properties)} properties of a non-scalar or "
+                    "multi-property kind; choose an energy-like target"
+                )
+            self.last_layer_feature_sizes[name] = readout_last_layer_size(
+                self.mace.readouts, self.layer_scalars
+            )
+        elif info.is_scalar:
+            self.heads[name] = MLPHead(
+                self.num_scalar_features,
+                list(self.hypers["head_hidden_sizes"]),
+                len(info.layout.block().properties),
+            )
+            self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
+        else:
+            blocks: List[EquivariantLinearBlock] = []
+            irreps: List[o3.Irrep] = []
+            for key, block in info.layout.items():
+                if info.is_cartesian:
+                    irrep = o3.Irrep("1o")
+                else:
+                    irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
+                if irrep not in irreps:
+                    irreps.append(irrep)
+                blocks.append(
+                    EquivariantLinearBlock(
+                        self.feature_irreps,
+                        irrep,
+                        len(block.properties),
+                        cartesian=info.is_cartesian,
+                    )
+                )
+            gathers = [
+                IrrepGather(self.layer_irreps, self.produced_layer_irreps, irrep)
+                for irrep in irreps
+            ]
+            self.heads[name] = EquivariantLinearHead(blocks, gathers)
+            self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
+
+        self.target_names.append(name)
+        if info.sample_kind == "atom":
+            self.per_atom_targets.append(name)
+        self.outputs[name] = ModelOutput(
+            unit=info.unit,
+            sample_kind="atom",
+            description=info.description,
+        )
+        self.outputs[last_layer_features_name(name)] = ModelOutput(
+            sample_kind="atom",
+            description=f"invariant last layer features for {name}",
+        )
+        self.key_labels[name] = info.layout.keys
+        self.component_labels[name] = [b.components for b in info.layout.blocks()]
+        self.property_labels[name] = [b.properties for b in info.layout.blocks()]
+
+    def add_readout_head(self, name: str) -> None:
+        """Give the energy-like target ``name`` a copy of MACE's readouts (weights
+        included) as its head, in place of its MLP head: the new target starts
+        from the predictions of the file's head (MACE's multi-head fine-tuning)."""
+        info = self.dataset_info.targets.get(name)
+        if name not in self.heads or info is None:
+            raise ValueError(
+                f"cannot give {name!r} a copy of MACE's readout: it is not a target "
+                f"with a head of this model (targets: {self.target_names})"
+            )
+        if not info.is_scalar or len(info.layout.block().properties) != 1:
+            raise ValueError(
+                f"cannot initialise the head of {name!r} from MACE's readout of "
+                f"{self.mace_head_target!r}: the readout predicts one scalar per "
+                "atom, and this target is not a single scalar (an energy)"
+            )
+        self.heads[name] = ReadoutHead(
+            self.mace.readouts,
+            [irreps.dim for irreps in self.layer_irreps],
+            self.layer_scalars,
+            self.head_index,
+        )
+        if name not in self.readout_heads:
+            self.readout_heads.append(name)
+        self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
+        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
+
+    def restart(
+        self, dataset_info: DatasetInfo, model_hypers: Optional[Dict[str, Any]] = None
+    ) -> "MetaMACE":
+        if self.from_file:
+            foundation.check_dataset(
+                self.mace, dataset_info, self.hypers["mace_model"], None
+            )
+        if model_hypers is not None:
+            raise_if_hypers_mismatch(
+                self.hypers,
+                model_hypers,
+                default_hypers=get_default_hypers(ARCHITECTURE_NAME)["model"],
+            )
+        merged = self.dataset_info.union(dataset_info)
+        new_types = sorted(set(merged.atomic_types) - set(self.atomic_types))
+        if new_types:
+            raise ValueError(
+                f"the new dataset contains atomic types {new_types} that this model "
+                f"was not built for (it knows {self.atomic_types}); MACE cannot add "
+                "element embeddings after training started"
+            )
+        new_targets = {
+            name: info
+            for name, info in merged.targets.items()
+            if name not in self.dataset_info.targets
+        }
+        self.has_new_targets = len(new_targets) > 0
+        for name, info in new_targets.items():
+            self._add_output(name, info)
+        self.last_layer_feature_size = max(
+            self.last_layer_feature_sizes.values(), default=0
+        )
+        self.dataset_info = merged
+        self.additive_models[0] = self.additive_models[0].restart(
+            dataset_info=DatasetInfo(
+                length_unit=dataset_info.length_unit,
+                atomic_types=self.atomic_types,
+                targets={
+                    name: info
+                    for name, info in dataset_info.targets.items()
+                    if CompositionModel.is_valid_target(name, info)
+                },
+            )
+        )
+        self.scaler = self.scaler.restart(dataset_info)
+        return self
