@@ -11,12 +11,15 @@ import ase
 import numpy as np
 import torch
 from ase.build import molecule
+from metatomic.torch import ModelOutput
 from metatomic.torch.o3 import O3Transformations
 from metatrain.utils.data import DatasetInfo
 from metatrain.utils.data.target_info import (
     get_energy_target_info,
     get_generic_target_info,
 )
+
+from metatrain_mace.mace_import import o3
 
 
 # every irrep the node features of HYPERS carry, with both parities up to l = 2
@@ -133,15 +136,62 @@ def wigner(matrix: torch.Tensor, o3_lambda: int, o3_sigma: int) -> torch.Tensor:
 def expected_transform(
     values: torch.Tensor, key: Dict[str, int], kind: str, matrix: torch.Tensor
 ) -> torch.Tensor:
-    """Block ``values`` (samples, components, properties) mapped by ``matrix``.
+    """Block ``values`` (samples, components..., properties) mapped by ``matrix``.
 
-    ``kind`` is ``"scalar"``, ``"cartesian"`` (rank-1, rotates with the matrix itself)
-    or ``"spherical"`` (Wigner matrix of the block's key).
+    ``kind`` is ``"scalar"``, ``"cartesian"`` (rotates with the matrix itself on
+    every component axis: ``Q v`` or ``Q T Q^T``) or ``"spherical"`` (Wigner
+    matrices of the block's key, one per component axis for ``o3_lambda_1`` /
+    ``o3_lambda_2`` keys).
     """
     values = values.to(torch.float64)
+    matrix = matrix.to(torch.float64)
     if kind == "scalar":
         return values
     if kind == "cartesian":
-        return torch.einsum("ij,sjp->sip", matrix.to(torch.float64), values)
+        if values.dim() == 4:
+            return torch.einsum("ia,jb,sabp->sijp", matrix, matrix, values)
+        return torch.einsum("ij,sjp->sip", matrix, values)
+    if "o3_lambda_1" in key:
+        first = wigner(matrix, key["o3_lambda_1"], key["o3_sigma_1"])
+        second = wigner(matrix, key["o3_lambda_2"], key["o3_sigma_2"])
+        return torch.einsum("ia,jb,sabp->sijp", first, second, values)
     D = wigner(matrix, key["o3_lambda"], key["o3_sigma"])
     return torch.einsum("ij,sjp->sip", D, values)
+
+
+def evaluate(calculator, atoms, kinds, sample_kind) -> Dict[str, List[tuple]]:
+    """``(key, values)`` of every block of every output; targets are requested with
+    their own sample kind, features with ``sample_kind``."""
+    outputs = {
+        name: ModelOutput(sample_kind=sample_kind if kind is None else kind)
+        for name, (_, kind) in kinds.items()
+    }
+    result = calculator.run_model(atoms, outputs)
+    values = {}
+    for name, tensor in result.items():
+        keys = [
+            {n: int(v) for n, v in zip(key.names, key.values, strict=True)}
+            for key in tensor.keys
+        ]
+        values[name] = [
+            (key, block.values.detach().to(torch.float64))
+            for key, block in zip(keys, tensor.blocks(), strict=True)
+        ]
+    return values
+
+
+def as_3d(values: torch.Tensor) -> torch.Tensor:
+    """(samples, components..., properties) with exactly one component axis."""
+    if values.dim() == 2:
+        return values.unsqueeze(1)
+    return values
+
+
+def o3_matrices(seed: int) -> List[torch.Tensor]:
+    """A random rotation, another one times the inversion, and the inversion.
+
+    Drawn in float64: a float32 rotation matrix is orthogonal to 1e-7 only.
+    """
+    torch.manual_seed(seed)
+    rotations = [o3.rand_matrix(dtype=torch.float64) for _ in range(2)]
+    return [rotations[0], -rotations[1], -torch.eye(3, dtype=torch.float64)]

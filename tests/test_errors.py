@@ -72,7 +72,7 @@ def test_validation_names_the_key(model, expected) -> None:
         check_architecture_options(NAME, OmegaConf.to_container(options))
 
 
-def test_rank_two_target_refused() -> None:
+def test_rank_three_target_refused() -> None:
     info = DatasetInfo(
         length_unit="angstrom",
         atomic_types=[1, 6],
@@ -82,14 +82,14 @@ def test_rank_two_target_refused() -> None:
                 {
                     "quantity": "",
                     "unit": "",
-                    "type": {"cartesian": {"rank": 2}},
+                    "type": {"cartesian": {"rank": 3}},
                     "num_subtargets": 1,
                     "sample_kind": "system",
                 },
             )
         },
     )
-    with pytest.raises(ValueError, match="'mtt::polarizability' is a tensor of rank 2"):
+    with pytest.raises(ValueError, match="'mtt::polarizability' is a tensor of rank 3"):
         MetaMACE(hypers(), info)
 
 
@@ -165,36 +165,43 @@ def vector_info(name: str = "mtt::dipole") -> DatasetInfo:
     )
 
 
-def test_irrep_missing_from_hidden_irreps_is_named() -> None:
-    info = spherical_info([{"o3_lambda": 2, "o3_sigma": 1}])
+def test_irrep_beyond_products_is_named() -> None:
+    """Features 0e + 1o: products reach l <= 2, so an l = 3 target is refused."""
+    info = spherical_info([{"o3_lambda": 3, "o3_sigma": 1}])
     message = (
-        r"target 'mtt::tensor' \(block o3_lambda=2, o3_sigma=1\) needs the irrep 2e, "
-        r"which the MACE node features never hold \(they hold .*\)\. Add '2e' to "
-        r"'hidden_irreps'.*'max_ell'"
+        r"target 'mtt::tensor' \(block o3_lambda=3, o3_sigma=1\) needs the irrep 3o, "
+        r"which neither the MACE node features \(they hold .*\) nor products of up "
+        r"to three of them .* reach\. Add '3o' to 'hidden_irreps'.*'max_ell'"
     )
     with pytest.raises(ValueError, match=message):
         MetaMACE(hypers(max_ell=1), info)
 
 
-def test_pseudoscalar_missing_from_hidden_irreps_is_named() -> None:
+def test_pseudoscalar_of_vector_features_is_a_triple_product() -> None:
+    """Features 0e + 1o carry no 0o, but (1o x 1o) x 1o does: accepted."""
+    info = spherical_info([{"o3_lambda": 0, "o3_sigma": -1}], name="mtt::chirality")
+    model = MetaMACE(hypers(), info)
+    block = model.heads["mtt::chirality"].blocks[0]
+    assert type(block).__name__ == "ProductBlock"
+    assert block.second is not None  # three factors
+
+
+def test_pseudoscalar_of_scalar_features_is_refused() -> None:
     info = spherical_info([{"o3_lambda": 0, "o3_sigma": -1}], name="mtt::chirality")
     with pytest.raises(ValueError, match=r"'mtt::chirality'.*irrep 0o.*Add '0o'"):
-        MetaMACE(hypers(), info)
+        MetaMACE(hypers(hidden_irreps="4x0e"), info)
 
 
 def test_declared_but_unreachable_irrep_is_refused() -> None:
-    """1e is declared, but max_ell 1 and correlation 2 never produce it.
-
-    The symmetric product of one channel's vector with itself has no 1e part, and
-    the last layer keeps the scalars only: a head for this target would only ever
-    predict zeros.
-    """
-    info = spherical_info([{"o3_lambda": 1, "o3_sigma": -1}], name="mtt::spin")
-    model_hypers = hypers(hidden_irreps="4x0e + 4x1o + 4x1e", max_ell=1)
+    """3e is declared, but max_ell 1 and correlation 2 never produce it, and
+    products of the 0e + 1o features that are produced stop at l = 2: a head could
+    only predict zeros."""
+    info = spherical_info([{"o3_lambda": 3, "o3_sigma": -1}], name="mtt::octupole")
+    model_hypers = hypers(hidden_irreps="4x0e + 4x1o + 4x3e", max_ell=1, correlation=2)
     message = (
-        r"target 'mtt::spin' \(block o3_lambda=1, o3_sigma=-1\) needs the irrep 1e.*"
-        r"'hidden_irreps' declares '1e', but no path of the model reaches it.*"
-        r"raise 'max_ell' \(to at least 1\), 'correlation' or 'num_interactions'"
+        r"target 'mtt::octupole' \(block o3_lambda=3, o3_sigma=-1\) needs the irrep "
+        r"3e.*'hidden_irreps' declares '3e', but no path of the model reaches it.*"
+        r"raise 'max_ell' \(to at least 3\), 'correlation' or 'num_interactions'"
     )
     with pytest.raises(ValueError, match=message):
         MetaMACE(model_hypers, info)

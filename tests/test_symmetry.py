@@ -10,7 +10,7 @@ rank-2 tensors. Translations leave everything unchanged, atom permutations permu
 the per-atom outputs.
 """
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import pytest
@@ -31,7 +31,10 @@ from metatrain_mace.mace_import import o3
 from symmetry import (
     HYPERS,
     all_kinds_dataset_info,
+    as_3d,
+    evaluate,
     expected_transform,
+    o3_matrices,
     structures,
     transformed,
     wigner,
@@ -92,44 +95,6 @@ def exported(tmp_path_factory) -> Dict[torch.dtype, tuple]:
         model.to(dtype).export().save(path)
         result[dtype] = (path, kinds)
     return result
-
-
-def evaluate(calculator, atoms, kinds, sample_kind) -> Dict[str, List[tuple]]:
-    """``(key, values)`` of every block of every output; targets are requested with
-    their own sample kind, features with ``sample_kind``."""
-    outputs = {
-        name: ModelOutput(sample_kind=sample_kind if kind is None else kind)
-        for name, (_, kind) in kinds.items()
-    }
-    result = calculator.run_model(atoms, outputs)
-    values = {}
-    for name, tensor in result.items():
-        keys = [
-            {n: int(v) for n, v in zip(key.names, key.values, strict=True)}
-            for key in tensor.keys
-        ]
-        values[name] = [
-            (key, block.values.detach().to(torch.float64))
-            for key, block in zip(keys, tensor.blocks(), strict=True)
-        ]
-    return values
-
-
-def as_3d(values: torch.Tensor) -> torch.Tensor:
-    """(samples, components..., properties) with exactly one component axis."""
-    if values.dim() == 2:
-        return values.unsqueeze(1)
-    return values
-
-
-def o3_matrices(seed: int) -> List[torch.Tensor]:
-    """A random rotation, another one times the inversion, and the inversion.
-
-    Drawn in float64: a float32 rotation matrix is orthogonal to 1e-7 only.
-    """
-    torch.manual_seed(seed)
-    rotations = [o3.rand_matrix(dtype=torch.float64) for _ in range(2)]
-    return [rotations[0], -rotations[1], -torch.eye(3, dtype=torch.float64)]
 
 
 def test_metatomic_wigner_is_e3nn_wigner_in_yzx_order() -> None:

@@ -2,7 +2,9 @@
 
 Invariant (scalar) targets get a small MLP on the scalar (0e) node features of all
 layers; equivariant targets (spherical blocks, Cartesian vectors) get an e3nn linear
-map from all node features to the target irreps, which is exactly equivariant.
+map from all node features to the target irreps, which is exactly equivariant, or,
+for irreps the features do not carry (pseudotensors, high l), a tensor product of
+the features (:mod:`metatrain_mace.products`).
 Every head returns the values of each target block per atom, and invariant
 last-layer features (for LLPR-style uncertainty): for MLP heads the input of their last
 linear layer; for equivariant heads, whose last (and only) layer is linear in the node
@@ -70,37 +72,46 @@ class EquivariantLinearBlock(torch.nn.Module):
         order = [2, 0, 1] if cartesian else list(range(irrep.dim))
         self.register_buffer("component_order", torch.tensor(order), persistent=False)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block's values, and no last-layer features of its own (those of
+        linear blocks are the norms of the gathered node features, see
+        :class:`EquivariantLinearHead`)."""
         values = self.linear(features).reshape(-1, self.num_properties, self.dim)
-        return values.transpose(1, 2).index_select(1, self.component_order)
+        values = values.transpose(1, 2).index_select(1, self.component_order)
+        return values, features.new_zeros((features.shape[0], 0))
 
 
 class EquivariantLinearHead(torch.nn.Module):
-    """One :class:`EquivariantLinearBlock` per block of an equivariant target.
+    """One block module per block of an equivariant target: an
+    :class:`EquivariantLinearBlock` for irreps the node features carry, a
+    :class:`~metatrain_mace.products.ProductBlock` for the others.
 
-    :param blocks: the linear maps, one per target block.
-    :param gathers: the node features of every distinct irrep of the target, whose
-        per-channel norms are the (invariant) last-layer features.
+    :param blocks: the block modules, one per target block; each returns the
+        block's values and its own last-layer features (none for linear blocks).
+    :param gathers: the node features of every distinct irrep of the linear
+        blocks, whose per-channel norms are their (invariant) last-layer features.
     """
 
-    def __init__(
-        self, blocks: List[EquivariantLinearBlock], gathers: List[IrrepGather]
-    ):
+    def __init__(self, blocks: List[torch.nn.Module], gathers: List[IrrepGather]):
         super().__init__()
         self.blocks = torch.nn.ModuleList(blocks)
         self.gathers = torch.nn.ModuleList(gathers)
-        self.last_layer_size = sum(gather.count for gather in gathers)
+        self.last_layer_size = sum(gather.count for gather in gathers) + sum(
+            getattr(block, "last_layer_size", 0) for block in blocks
+        )
 
     def forward(
         self, features: torch.Tensor, scalar_features: torch.Tensor
     ) -> Tuple[List[torch.Tensor], torch.Tensor]:
         values: List[torch.Tensor] = []
-        for block in self.blocks:
-            values.append(block(features))
-        norms: List[torch.Tensor] = []
+        invariants: List[torch.Tensor] = []
         for gather in self.gathers:
-            norms.append(torch.linalg.vector_norm(gather(features), dim=1))
-        return values, torch.cat(norms, dim=-1)
+            invariants.append(torch.linalg.vector_norm(gather(features), dim=1))
+        for block in self.blocks:
+            block_values, block_invariants = block(features)
+            values.append(block_values)
+            invariants.append(block_invariants)
+        return values, torch.cat(invariants, dim=-1)
 
 
 def readout_last_layer_size(

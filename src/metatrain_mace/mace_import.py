@@ -30,9 +30,10 @@ def _import_mace() -> None:
 
 _import_mace()
 
+import e3nn  # noqa: E402
 from e3nn import o3  # noqa: E402
 from e3nn.util import jit as e3nn_jit  # noqa: E402
 from mace import modules as mace_modules  # noqa: E402
 
 
-__all__ = ["e3nn_jit", "mace_modules", "o3"]
+__all__ = ["e3nn", "e3nn_jit", "mace_modules", "o3"]

@@ -4,6 +4,7 @@ targets (``restart``) and by multi-head replay (``add_readout_head``)."""
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+import torch
 from metatomic.torch import ModelOutput
 from metatrain.composition import CompositionModel
 from metatrain.utils.architectures import get_default_hypers
@@ -11,6 +12,8 @@ from metatrain.utils.data import DatasetInfo, TargetInfo
 from metatrain.utils.hypers import raise_if_hypers_mismatch
 
 from metatrain_mace import foundation
+from metatrain_mace.builder import float64_default
+from metatrain_mace.coupling import CoupledBlock, coupled_parts
 from metatrain_mace.features import IrrepGather
 from metatrain_mace.heads import (
     EquivariantLinearBlock,
@@ -22,6 +25,7 @@ from metatrain_mace.heads import (
 )
 from metatrain_mace.mace_import import o3
 from metatrain_mace.naming import ARCHITECTURE_NAME, last_layer_features_name
+from metatrain_mace.products import ProductBlock, product_order
 from metatrain_mace.targets import check_target
 
 
@@ -61,28 +65,10 @@ class TargetRegistration:
             )
             self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
         else:
-            blocks: List[EquivariantLinearBlock] = []
-            irreps: List[o3.Irrep] = []
-            for key, block in info.layout.items():
-                if info.is_cartesian:
-                    irrep = o3.Irrep("1o")
-                else:
-                    irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
-                if irrep not in irreps:
-                    irreps.append(irrep)
-                blocks.append(
-                    EquivariantLinearBlock(
-                        self.feature_irreps,
-                        irrep,
-                        len(block.properties),
-                        cartesian=info.is_cartesian,
-                    )
-                )
-            gathers = [
-                IrrepGather(self.layer_irreps, self.produced_layer_irreps, irrep)
-                for irrep in irreps
-            ]
-            self.heads[name] = EquivariantLinearHead(blocks, gathers)
+            # e3nn's tensor products compute their coupling coefficients in the
+            # default dtype: float64 keeps them exact (see builder.float64_default)
+            with float64_default():
+                self.heads[name] = self._equivariant_head(name, info)
             self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
 
         self.target_names.append(name)
@@ -100,6 +86,63 @@ class TargetRegistration:
         self.key_labels[name] = info.layout.keys
         self.component_labels[name] = [b.components for b in info.layout.blocks()]
         self.property_labels[name] = [b.properties for b in info.layout.blocks()]
+
+    def _equivariant_head(self, name: str, info: TargetInfo) -> EquivariantLinearHead:
+        """One block module per block of a spherical or Cartesian target."""
+        linear_irreps: List[o3.Irrep] = []
+        blocks: List[torch.nn.Module] = []
+        for key, block in info.layout.items():
+            num_properties = len(block.properties)
+            if len(block.components) == 1:
+                if info.is_cartesian:
+                    irrep = o3.Irrep("1o")
+                else:
+                    irrep = irrep_of_block(int(key["o3_lambda"]), int(key["o3_sigma"]))
+                blocks.append(
+                    self._irrep_block(
+                        irrep, num_properties, info.is_cartesian, linear_irreps
+                    )
+                )
+                continue
+            if info.is_cartesian:
+                first = second = o3.Irrep("1o")
+            else:
+                first = irrep_of_block(int(key["o3_lambda_1"]), int(key["o3_sigma_1"]))
+                second = irrep_of_block(int(key["o3_lambda_2"]), int(key["o3_sigma_2"]))
+            parts = [
+                self._irrep_block(part, num_properties, False, linear_irreps)
+                for part in coupled_parts(first, second)
+            ]
+            blocks.append(
+                CoupledBlock(parts, first, second, num_properties, info.is_cartesian)
+            )
+        gathers = [
+            IrrepGather(self.layer_irreps, self.produced_layer_irreps, irrep)
+            for irrep in linear_irreps
+        ]
+        return EquivariantLinearHead(blocks, gathers)
+
+    def _irrep_block(
+        self,
+        irrep: o3.Irrep,
+        num_properties: int,
+        cartesian: bool,
+        linear_irreps: List[o3.Irrep],
+    ) -> torch.nn.Module:
+        """A linear map of the node features when they carry ``irrep`` (recorded in
+        ``linear_irreps``), else a tensor product of them."""
+        order = product_order(self.produced_irreps, irrep)
+        if order == 1:
+            if irrep not in linear_irreps:
+                linear_irreps.append(irrep)
+            return EquivariantLinearBlock(
+                self.feature_irreps, irrep, num_properties, cartesian=cartesian
+            )
+        if order is None:
+            raise ValueError(f"no product of the node features reaches {irrep}")
+        return ProductBlock(
+            self.feature_irreps, self.produced_irreps, irrep, num_properties, order
+        )
 
     def add_readout_head(self, name: str) -> None:
         """Give the energy-like target ``name`` a copy of MACE's readouts (weights

@@ -5,8 +5,10 @@ import torch
 from metatensor.torch import TensorMap
 from metatrain.utils.data import DatasetInfo, TargetInfo
 
+from metatrain_mace.coupling import coupled_parts
 from metatrain_mace.heads import irrep_of_block
 from metatrain_mace.mace_import import o3
+from metatrain_mace.products import product_order
 
 
 def _missing_irrep_message(
@@ -19,8 +21,10 @@ def _missing_irrep_message(
 ) -> str:
     """Why ``irrep`` is missing from the node features, and what to change."""
     text = (
-        f"target '{name}' {what} needs the irrep {irrep}, which the MACE node "
-        f"features never hold (they hold {produced.simplify() or 'no irreps'})"
+        f"target '{name}' {what} needs the irrep {irrep}, which neither the MACE "
+        f"node features (they hold {produced.simplify() or 'no irreps'}) nor "
+        "products of up to three of them with l <= 2 * max(l of the features) "
+        "reach"
     )
     if num_interactions == 1:
         return (
@@ -71,38 +75,40 @@ def check_target(
             f"target '{name}' has samples per {info.sample_kind!r}; metatrain-mace "
             "predicts per-atom and per-structure targets only"
         )
-    for block in info.layout.blocks():
-        if len(block.components) > 1:
+    for key, block in info.layout.items():
+        rank = len(block.components)
+        if rank > 2:
             raise ValueError(
-                f"target '{name}' is a tensor of rank {len(block.components)}; "
-                "metatrain-mace supports scalars, vectors (rank 1) and single "
-                "spherical irreps per block. Split it into irreducible spherical "
-                "blocks instead."
+                f"target '{name}' is a tensor of rank {rank}; metatrain-mace "
+                "supports scalars, rank-1 and rank-2 tensors (Cartesian, or spherical "
+                "with 'product: cartesian'). Split it into blocks of rank <= 2."
             )
-    available = {irrep for _, irrep in produced}
-    if info.is_spherical:
-        for key in info.layout.keys:
+        if info.is_cartesian:
+            needed = [o3.Irrep("1o")]
+            if rank == 2:
+                needed = coupled_parts(o3.Irrep("1o"), o3.Irrep("1o"))
+            what = (
+                "(a Cartesian vector)" if rank == 1 else "(a Cartesian rank-2 tensor)"
+            )
+        elif info.is_spherical and rank == 1:
             o3_lambda = int(key["o3_lambda"])
             o3_sigma = int(key["o3_sigma"])
-            irrep = irrep_of_block(o3_lambda, o3_sigma)
-            if irrep not in available:
-                what = f"(block o3_lambda={o3_lambda}, o3_sigma={o3_sigma})"
+            needed = [irrep_of_block(o3_lambda, o3_sigma)]
+            what = f"(block o3_lambda={o3_lambda}, o3_sigma={o3_sigma})"
+        elif info.is_spherical:
+            first = irrep_of_block(int(key["o3_lambda_1"]), int(key["o3_sigma_1"]))
+            second = irrep_of_block(int(key["o3_lambda_2"]), int(key["o3_sigma_2"]))
+            needed = coupled_parts(first, second)
+            what = f"(block {first} x {second})"
+        else:
+            continue
+        for irrep in needed:
+            if product_order(produced, irrep) is None:
                 raise ValueError(
                     _missing_irrep_message(
                         name, what, irrep, declared, produced, num_interactions
                     )
                 )
-    if info.is_cartesian and o3.Irrep("1o") not in available:
-        raise ValueError(
-            _missing_irrep_message(
-                name,
-                "(a Cartesian vector)",
-                o3.Irrep("1o"),
-                declared,
-                produced,
-                num_interactions,
-            )
-        )
 
 
 def check_head_target(head_target: str, dataset_info: DatasetInfo) -> None:
