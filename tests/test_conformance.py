@@ -1,8 +1,7 @@
 """metatrain's architecture conformance suite, run against metatrain-mace.
 
-Every test class of ``metatrain.utils.testing`` is subclassed. The one
-``supports_* = False`` flag is a target kind this model refuses on purpose for now
-(atomic-basis targets, see ``test_errors.py`` for the error).
+Every test class of ``metatrain.utils.testing`` is subclassed, with every
+``supports_*`` flag left on: the only skipped tests are those that need CUDA.
 """
 
 from pathlib import Path
@@ -96,8 +95,6 @@ class TestInput(InputTests, MACETests):
 
 
 class TestOutput(OutputTests, MACETests):
-    supports_spherical_atomic_basis_outputs = False
-
     @pytest.fixture
     def model_hypers(self, default_hypers: dict) -> dict:
         return {**default_hypers["model"], **SPHERICAL_HYPERS}
@@ -123,7 +120,7 @@ class TestExported(ExportedTests, MACETests):
 
 
 class TestTraining(TrainingTests, MACETests):
-    supports_atomic_basis = False
+    pass
 
 
 class TestCheckpoints(CheckpointTests, MACETests):

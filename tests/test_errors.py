@@ -225,12 +225,3 @@ def test_vector_with_one_interaction_is_refused() -> None:
     )
     with pytest.raises(ValueError, match=message):
         MetaMACE(hypers(num_interactions=1), vector_info())
-
-
-def test_atomic_basis_target_refused() -> None:
-    info = spherical_info(
-        {1: [{"o3_lambda": 0, "o3_sigma": 1}], 6: [{"o3_lambda": 1, "o3_sigma": 1}]},
-        name="mtt::density",
-    )
-    with pytest.raises(ValueError, match="'mtt::density' is given in an atomic basis"):
-        MetaMACE(hypers(), info)

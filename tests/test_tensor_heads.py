@@ -10,12 +10,13 @@ rotations and the inversion transform every block as its irreps say, and the hea
 learn targets that really are pseudotensors and rank-2 tensors.
 """
 
-from typing import Dict
+from typing import Dict, List
 
 import ase
 import numpy as np
 import pytest
 import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, systems_to_torch
 from metatomic_ase import MetatomicCalculator
 from metatrain.utils.architectures import get_default_hypers
@@ -55,6 +56,23 @@ PSEUDO_IRREPS = [
     {"o3_lambda": 3, "o3_sigma": -1},
     {"o3_lambda": 3, "o3_sigma": 1},
 ]
+# an atomic basis: per atomic type, its own irreps and number of properties (a
+# pseudovector on oxygen, reached by a product of the node features)
+DENSITY_BASIS = {
+    1: [
+        {"num": 2, "o3_lambda": 0, "o3_sigma": 1},
+        {"num": 1, "o3_lambda": 1, "o3_sigma": 1},
+    ],
+    6: [
+        {"num": 3, "o3_lambda": 0, "o3_sigma": 1},
+        {"num": 2, "o3_lambda": 1, "o3_sigma": 1},
+        {"num": 1, "o3_lambda": 2, "o3_sigma": 1},
+    ],
+    8: [
+        {"num": 1, "o3_lambda": 0, "o3_sigma": 1},
+        {"num": 1, "o3_lambda": 1, "o3_sigma": -1},
+    ],
+}
 STEPS = 150
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -86,6 +104,9 @@ def tensor_targets() -> DatasetInfo:
             },
             2,
             "atom",
+        ),
+        "mtt::density": _generic(
+            "mtt::density", {"spherical": {"irreps": DENSITY_BASIS}}, 1, "atom"
         ),
     }
     return DatasetInfo(length_unit="angstrom", atomic_types=[1, 6, 8], targets=targets)
@@ -177,6 +198,32 @@ def test_tensor_targets_transform_under_o3(exported, dtype) -> None:
     # every block is non-trivial (the smallest block's largest value)
     assert smallest > 1e-4, smallest
     assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
+def test_atomic_basis_blocks_hold_their_atoms(exported) -> None:
+    """A block of an atomic-basis target holds the atoms of its type only, with the
+    number of properties of that type, per atom and summed per structure."""
+    calculator = MetatomicCalculator(exported[torch.float64], extensions_directory=None)
+    atoms = structures()[0]
+    numbers = atoms.numbers
+    properties = {(1, 0): 2, (1, 1): 1, (6, 0): 3, (6, 1): 2, (6, 2): 1, (8, 0): 1}
+    properties[8, 1] = 1
+    kinds = {"mtt::density": ("spherical", "atom")}
+    blocks = evaluate(calculator, atoms, kinds, "atom")["mtt::density"]
+    assert len(blocks) == len(properties)
+    for key, values in blocks:
+        count = int((numbers == key["atom_type"]).sum())
+        shape = (
+            count,
+            2 * key["o3_lambda"] + 1,
+            properties[key["atom_type"], key["o3_lambda"]],
+        )
+        assert values.shape == shape
+    summed = evaluate(
+        calculator, atoms, {"mtt::density": ("spherical", "system")}, "system"
+    )["mtt::density"]
+    for (_, values), (_, total) in zip(blocks, summed, strict=True):
+        assert torch.allclose(values.sum(0), total[0], atol=1e-12)
 
 
 def _smooth(distance: np.ndarray) -> np.ndarray:
@@ -292,3 +339,162 @@ def test_heads_learn_pseudotensors_and_rank2_tensors() -> None:
         # well below the loss of zeros (1), and of the untrained model
         assert after[name] < 0.7, (name, after[name])
         assert after[name] < before[name], (name, before[name], after[name])
+
+
+def _density_target(atoms: ase.Atoms, layout: TensorMap) -> TensorMap:
+    """A learnable atomic-basis target: per atom of each type, smooth radial sums
+    (``0e``), sums of bond vectors (``1o``), their traceless outer products
+    (``2e``) and, on oxygen, the cross product of two vector sums (``1e``)."""
+    positions = atoms.positions
+    vectors = positions[None, :, :] - positions[:, None, :]
+    weights = _smooth(np.linalg.norm(vectors, axis=-1))
+    np.fill_diagonal(weights, 0.0)
+    blocks = []
+    for key, block in layout.items():
+        atoms_of_type = np.nonzero(atoms.numbers == int(key["atom_type"]))[0]
+        n = len(block.properties)
+        o3_lambda, o3_sigma = int(key["o3_lambda"]), int(key["o3_sigma"])
+        rows = []
+        for i in atoms_of_type:
+            w = np.stack([weights[i] ** (k + 1) for k in range(n)])  # (n, atoms)
+            if o3_lambda == 0:
+                value = w.sum(1)[None, :]
+            elif o3_lambda == 1 and o3_sigma == 1:
+                value = (w @ vectors[i])[:, [1, 2, 0]].T
+            elif o3_lambda == 1:
+                first = weights[i] @ vectors[i]
+                second = weights[i] ** 2 @ vectors[i]
+                value = np.cross(first, second)[[1, 2, 0]][:, None]
+            else:
+                # the m = -2..2 components of a symmetric traceless tensor
+                t = np.einsum("j,ja,jb->ab", weights[i], vectors[i], vectors[i])
+                x, y, z = 0, 1, 2
+                value = (
+                    np.array(
+                        [
+                            2 * t[x, y],
+                            2 * t[y, z],
+                            (2 * t[z, z] - t[x, x] - t[y, y]) / np.sqrt(3),
+                            2 * t[x, z],
+                            t[x, x] - t[y, y],
+                        ]
+                    )[:, None]
+                    * np.sqrt(3)
+                    / 2
+                )
+            rows.append(value)
+        values = torch.tensor(np.array(rows)).reshape(len(atoms_of_type), -1, n)
+        samples = torch.tensor([[0, int(i)] for i in atoms_of_type], dtype=torch.int32)
+        blocks.append(
+            TensorBlock(
+                values=values,
+                samples=Labels(["system", "atom"], samples.reshape(-1, 2)),
+                components=block.components,
+                properties=block.properties,
+            )
+        )
+    return TensorMap(layout.keys, blocks)
+
+
+def test_atomic_basis_target_trains(tmp_path) -> None:
+    """metatrain's disk dataset with an atomic-basis target, trained by our trainer
+    (densified in the data loader, sparse out of the exported model): the RMSE of
+    every block, measured with the exported model, falls during training."""
+    from metatomic.torch import System
+    from metatrain.utils.data import DiskDataset
+    from metatrain.utils.data.writers import DiskDatasetWriter
+
+    from metatrain_mace import Trainer
+
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6, 8],
+        targets={
+            "mtt::density": _generic(
+                "mtt::density", {"spherical": {"irreps": DENSITY_BASIS}}, 1, "atom"
+            )
+        },
+    )
+    layout = info.targets["mtt::density"].layout
+    rng = np.random.default_rng(5)
+    frames = [
+        ase.Atoms(
+            numbers=np.array([1, 6, 8, 1, 6, 1]),
+            positions=rng.uniform(0.0, 2.6, size=(6, 3)),
+        )
+        for _ in range(16)
+    ]
+    references = [_density_target(atoms, layout) for atoms in frames]
+    writer = DiskDatasetWriter(str(tmp_path / "density.zip"))
+    for atoms, target in zip(frames, references, strict=True):
+        system = systems_to_torch(atoms, dtype=torch.float64)
+        system = System(
+            types=system.types,
+            positions=system.positions,
+            cell=system.cell,
+            pbc=system.pbc,
+        )
+        writer.write([system], {"mtt::density": target})
+    writer.finish()
+    dataset = DiskDataset(str(tmp_path / "density.zip"))
+
+    def rmse(model: MetaMACE) -> Dict[str, float]:
+        calculator = MetatomicCalculator(model.export(), extensions_directory=None)
+        kinds = {"mtt::density": ("spherical", "atom")}
+        errors: Dict[str, List[float]] = {}
+        for atoms, reference in zip(frames, references, strict=True):
+            predicted = evaluate(calculator, atoms, kinds, "atom")["mtt::density"]
+            assert len(predicted) == len(reference.keys)
+            for key, values in predicted:
+                block = reference.block(key)
+                label = f"{key['atom_type']}/{key['o3_lambda']}{key['o3_sigma']:+d}"
+                diff = (values - block.values).square().mean()
+                errors.setdefault(label, []).append(float(diff))
+        return {k: float(np.sqrt(np.mean(v))) for k, v in errors.items()}
+
+    torch.manual_seed(0)
+    hypers = {**get_default_hypers("experimental.mace")["model"], **ORDINARY}
+    model = MetaMACE(hypers, info)
+    training = get_default_hypers("experimental.mace")["training"]
+    mse = {"type": "mse", "weight": 1.0, "reduction": "mean", "gradients": {}}
+    training.update(
+        {
+            "num_epochs": 0,
+            "batch_size": 4,
+            "num_workers": 0,
+            "learning_rate": 1e-2,
+            "loss": {"mtt::density": mse},
+        }
+    )
+    # zero epochs: the scaler and the baseline only (the untrained reference)
+    Trainer(dict(training)).train(
+        model,
+        dtype=torch.float64,
+        devices=[torch.device("cpu")],
+        train_datasets=[dataset],
+        val_datasets=[dataset],
+        checkpoint_dir=str(tmp_path),
+    )
+    before = rmse(model)
+    training["num_epochs"] = 15
+    Trainer(dict(training)).train(
+        model,
+        dtype=torch.float64,
+        devices=[torch.device("cpu")],
+        train_datasets=[dataset],
+        val_datasets=[dataset],
+        checkpoint_dir=str(tmp_path),
+    )
+    after = rmse(model)
+    print("RMSE before", before, "after", after)
+    assert set(before) == {
+        "1/0+1",
+        "1/1+1",
+        "6/0+1",
+        "6/1+1",
+        "6/2+1",
+        "8/0+1",
+        "8/1-1",
+    }
+    for block in before:
+        assert after[block] < 0.7 * before[block], (block, before[block], after[block])

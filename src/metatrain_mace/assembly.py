@@ -8,6 +8,7 @@ import metatensor.torch as mts
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import ModelOutput, System
+from metatrain.utils.data.atomic_basis_helpers import sparsify_atomic_basis_target
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
 from metatrain_mace.naming import last_layer_features_name
@@ -71,8 +72,24 @@ class OutputAssembly:
             tensor = sum_over_atoms(tensor)
         return tensor
 
+    def _sparsify(
+        self, systems: List[System], tensor: TensorMap, layout: TensorMap
+    ) -> TensorMap:
+        """metatrain's dense form of an atomic-basis target (what the heads predict
+        and training compares) as one block per atomic type, each with its own
+        properties."""
+        types = torch.cat([system.types for system in systems])
+        lengths = torch.tensor([len(system) for system in systems], device=types.device)
+        offsets = torch.cumsum(lengths, dim=0) - lengths
+        samples = tensor.block(0).samples.values.to(torch.int64)
+        row_types = types[offsets[samples[:, 0]] + samples[:, 1]]
+        return sparsify_atomic_basis_target(systems, tensor, layout, row_types)
+
     def _move_labels_to_device(self, device: torch.device) -> None:
         self.single_label = self.single_label.to(device)
+        self.atomic_basis_layouts = {
+            k: v.to(device) for k, v in self.atomic_basis_layouts.items()
+        }
         self.key_labels = {k: v.to(device) for k, v in self.key_labels.items()}
         self.component_labels = {
             k: [[c.to(device) for c in block] for block in v]
@@ -123,6 +140,9 @@ class OutputAssembly:
             use_per_target_scales=True,
             use_per_property_scales=True,
         )
+        for name, layout in self.atomic_basis_layouts.items():
+            if name in result:
+                result[name] = self._sparsify(systems, result[name], layout)
         for additive_model in self.additive_models:
             requested: Dict[str, ModelOutput] = {}
             for name, output in outputs.items():

@@ -110,12 +110,16 @@ def check_target(
         if info.per_atom:
             expected = info.layout.block(key).values.shape[1:]
             found = tuple(values.shape)
-            if found[0] != len(system) or tuple(found[1:]) != tuple(expected):
+            rows = len(system)
+            if "atom_type" in key.names:
+                # atomic basis: a block holds the atoms of its type only
+                rows = int((system.types == int(key["atom_type"])).sum())
+            if found[0] != rows or tuple(found[1:]) != tuple(expected):
                 raise ValueError(
                     f"per-atom target '{name}' of {where} has shape {found}, "
-                    f"expected ({len(system)}, "
+                    f"expected ({rows}, "
                     + ", ".join(str(n) for n in expected)
-                    + f"): one row per atom ({len(system)} atoms) with the "
+                    + f"): one row per atom ({rows} atoms) with the "
                     "components and properties declared in the 'targets' section"
                 )
 

@@ -70,6 +70,7 @@ class MetaMACE(
 
     # TorchScript cannot infer the types of these (possibly empty) containers
     key_labels: Dict[str, Labels]
+    atomic_basis_layouts: Dict[str, TensorMap]
     component_labels: Dict[str, List[List[Labels]]]
     property_labels: Dict[str, List[Labels]]
     per_atom_targets: List[str]
@@ -194,6 +195,8 @@ class MetaMACE(
         self.target_names: List[str] = []
         self.per_atom_targets: List[str] = []
         self.key_labels: Dict[str, Labels] = {}
+        # layouts of atomic-basis targets (one block per atomic type), see assembly
+        self.atomic_basis_layouts: Dict[str, TensorMap] = {}
         self.component_labels: Dict[str, List[List[Labels]]] = {}
         self.property_labels: Dict[str, List[Labels]] = {}
         # metatrain's LLPR reads one last-layer feature size for all targets: the

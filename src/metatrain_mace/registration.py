@@ -9,6 +9,7 @@ from metatomic.torch import ModelOutput
 from metatrain.composition import CompositionModel
 from metatrain.utils.architectures import get_default_hypers
 from metatrain.utils.data import DatasetInfo, TargetInfo
+from metatrain.utils.data.atomic_basis_helpers import densify_atomic_basis_dataset_info
 from metatrain.utils.hypers import raise_if_hypers_mismatch
 
 from metatrain_mace import foundation
@@ -45,6 +46,18 @@ class TargetRegistration:
             self.feature_irreps,
             self.num_interactions,
         )
+        if info.is_atomic_basis:
+            # the heads predict metatrain's dense form (one block per irrep, every
+            # atom, the union of the per-type properties); evaluation turns it back
+            # into one block per atomic type (assembly._sparsify)
+            self.atomic_basis_layouts[name] = info.layout
+            info = densify_atomic_basis_dataset_info(
+                DatasetInfo(
+                    length_unit=self.dataset_info.length_unit,
+                    atomic_types=self.atomic_types,
+                    targets={name: info},
+                )
+            ).targets[name]
         if name == self.mace_head_target:
             block = info.layout.block()
             if not info.is_scalar or len(block.properties) != 1:

@@ -65,11 +65,6 @@ def check_target(
     :param declared: irreps the node features of all layers are declared with.
     :param num_interactions: number of MACE layers (the last keeps only scalars).
     """
-    if info.is_atomic_basis:
-        raise ValueError(
-            f"target '{name}' is given in an atomic basis, which metatrain-mace does "
-            "not support; use a per-atom spherical target without the per-type basis"
-        )
     if info.sample_kind not in ("system", "atom"):
         raise ValueError(
             f"target '{name}' has samples per {info.sample_kind!r}; metatrain-mace "

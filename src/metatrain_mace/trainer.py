@@ -20,6 +20,9 @@ from metatrain.utils.data import (
     get_num_workers,
     validate_num_workers,
 )
+from metatrain.utils.data.atomic_basis_helpers import (
+    get_prepare_atomic_basis_targets_transform,
+)
 from metatrain.utils.evaluate_model import evaluate_model
 from metatrain.utils.io import check_file_extension
 from metatrain.utils.logging import ROOT_LOGGER, MetricLogger
@@ -273,6 +276,11 @@ class Trainer(TrainerInterface[TrainerHypers]):
             train_datasets,
             [distributed.shard(dataset, context) for dataset in val_datasets],
             transforms=[
+                # atomic-basis targets (one block per atomic type on disk) in
+                # metatrain's dense form, which the heads predict
+                get_prepare_atomic_basis_targets_transform(
+                    train_targets, model.dataset_info.extra_data
+                )[0],
                 get_system_with_neighbor_lists_transform(
                     get_requested_neighbor_lists(model)
                 ),
