@@ -49,10 +49,12 @@ def build_mace_model(
     r_max: float = 4.5,
     embedding_specs: Optional[dict] = None,
     use_embedding_readout: bool = False,
+    use_reduced_cg: bool = False,
 ) -> torch.nn.Module:
     """A small MACE model with random weights and non-trivial E0s, scale and shift
     (and, with ``embedding_specs``, conditioned on total charge and spin as
-    MACE-OMOL is)."""
+    MACE-OMOL is; with ``use_reduced_cg``, in mace-torch's reduced coupling basis,
+    as files written where cuEquivariance is installed)."""
     n_heads = 1 if heads is None else len(heads)
     generator = np.random.default_rng(seed)
     energies = generator.uniform(-5.0, -0.5, size=(n_heads, len(atomic_numbers)))
@@ -83,6 +85,9 @@ def build_mace_model(
             pair_repulsion=pair_repulsion,
             radial_MLP=[16, 16],
             heads=heads,
+            # mace-torch's reduced coupling basis exists only with cuEquivariance
+            # installed; the full basis is that of every older MACE file
+            use_reduced_cg=use_reduced_cg,
         )
         if embedding_specs is not None:
             kwargs["embedding_specs"] = embedding_specs

@@ -32,6 +32,7 @@ PAGES = [
     "finetuning",
     "charge-spin",
     "training-at-scale",
+    "precision-and-speed",
     "engines",
     "troubleshooting",
     "changelog",

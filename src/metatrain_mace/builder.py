@@ -113,6 +113,11 @@ def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Modu
     keeps float64 models exactly equivariant.
     """
     check_model_hypers(hypers)
+    # cueq imports this module
+    from metatrain_mace.cueq import cueq_config, require_cueq
+
+    if hypers.get("enable_cueq"):
+        require_cueq()
     edge_irreps = hypers["edge_irreps"]
     avg_num_neighbors = hypers["avg_num_neighbors"]
     with float64_default():
@@ -144,6 +149,11 @@ def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Modu
             edge_irreps=None if edge_irreps is None else o3.Irreps(edge_irreps),
             radial_MLP=list(hypers["radial_MLP"]),
             radial_type=hypers["radial_type"],
+            # mace-torch switches to a reduced coupling basis (other weight shapes)
+            # whenever cuEquivariance is importable: pin the full basis, so that a
+            # model has the same weights with or without the cueq extra installed
+            use_reduced_cg=False,
+            cueq_config=cueq_config() if hypers.get("enable_cueq") else None,
         )
     return model
 
@@ -152,7 +162,7 @@ def node_feature_irreps(mace: torch.nn.Module) -> o3.Irreps:
     """Irreps of the node features of all layers, concatenated in layer order."""
     irreps = o3.Irreps("")
     for product in mace.products:
-        irreps = irreps + o3.Irreps(product.linear.irreps_out)
+        irreps = irreps + o3.Irreps(str(product.linear.irreps_out))
     return irreps
 
 

@@ -3,7 +3,8 @@
 Each entry of ``MODEL_UPDATES`` / ``TRAINER_UPDATES`` maps version ``v`` to a
 function updating a checkpoint dict from ``v`` to ``v + 1`` in place. Version 1 is
 the first published format; model version 2 adds ``model_data["mace_trunk"]``,
-model version 3 the ``embedding_specs`` hyper, trainer version 2 the
+model version 3 the ``embedding_specs`` hyper, model version 4 the
+``enable_cueq`` hyper, trainer version 2 the
 ``frozen_layers`` and ``lr_factors`` hypers, trainer version 3 the EMA and stage
 two of MACE's recipe.
 """
@@ -37,7 +38,18 @@ def _trainer_v1_to_v2(checkpoint: Dict[str, Any]) -> None:
         hypers.setdefault("lr_factors", {})
 
 
-MODEL_UPDATES: Dict[int, Update] = {1: _model_v1_to_v2, 2: _model_v2_to_v3}
+def _model_v3_to_v4(checkpoint: Dict[str, Any]) -> None:
+    """v4 has the ``enable_cueq`` hyper (cuEquivariance; e3nn before)."""
+    hypers = checkpoint.get("model_data", {}).get("model_hypers")
+    if hypers is not None:
+        hypers.setdefault("enable_cueq", False)
+
+
+MODEL_UPDATES: Dict[int, Update] = {
+    1: _model_v1_to_v2,
+    2: _model_v2_to_v3,
+    3: _model_v3_to_v4,
+}
 
 
 def _trainer_v2_to_v3(checkpoint: Dict[str, Any]) -> None:

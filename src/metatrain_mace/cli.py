@@ -1,4 +1,5 @@
-"""The ``metatrain-mace`` command: ``export FILE.model`` and ``plot RUN_FOLDER``."""
+"""The ``metatrain-mace`` command: ``export FILE.model``, ``plot RUN_FOLDER`` and
+``precision MODEL STRUCTURES``."""
 
 import argparse
 import logging
@@ -74,11 +75,45 @@ def main(argv: Optional[List[str]] = None) -> None:
         default=None,
         help="PNG file of the parity plots (default PREDICTIONS-parity.png)",
     )
+    precision = commands.add_parser(
+        "precision",
+        help="per-block errors of float32/float16/bfloat16 against float64",
+        description=(
+            "Run every block of a model (embeddings, interactions, products, "
+            "readouts) in lower precisions with the same weights as float64, on "
+            "the float64 inputs of each block, and report the largest absolute "
+            "and relative errors of the outputs and of the gradients, then the "
+            "end-to-end errors of energy per atom, forces and stress. MACE files "
+            "and checkpoints are pickles: only give files you trust."
+        ),
+    )
+    precision.add_argument(
+        "model", help="checkpoint (.ckpt) or MACE model file (.model)"
+    )
+    precision.add_argument(
+        "structures", help="structures to evaluate (any file ASE reads)"
+    )
+    precision.add_argument(
+        "-o", "--output", default="precision.csv", help="CSV report (%(default)s)"
+    )
+    precision.add_argument("--plot", default=None, help="PNG plot of the report")
+    precision.add_argument(
+        "--dtypes",
+        default="float32,float16,bfloat16",
+        help="comma-separated dtypes to compare with float64 (%(default)s)",
+    )
+    precision.add_argument(
+        "--backend", default="e3nn", choices=["e3nn", "cueq"], help="%(default)s"
+    )
+    precision.add_argument("--head", default=None, help="head of a multi-head file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     if args.command == "plot":
         _plot(plot, args)
+        return
+    if args.command == "precision":
+        _precision(precision, args)
         return
 
     from metatrain_mace.export import export_mace_model
@@ -88,6 +123,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"metatrain-mace export: error: {err}\n")
     logging.info(f"exported {args.path} to {args.output}")
+
+
+def _precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``metatrain-mace precision``: the per-block precision report."""
+    import ase.io
+
+    from metatrain_mace.precision import (
+        load_for_report,
+        plot_report,
+        precision_report,
+        write_csv,
+    )
+
+    try:
+        model = load_for_report(args.model, head=args.head)
+        frames = ase.io.read(args.structures, ":")
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        rows = precision_report(model, frames, dtypes, backend=args.backend)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        parser.exit(2, f"metatrain-mace precision: error: {err}\n")
+    logging.info(f"wrote {write_csv(rows, args.output)}")
+    if args.plot is not None:
+        logging.info(f"wrote {plot_report(rows, args.plot)}")
 
 
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

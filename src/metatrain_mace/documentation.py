@@ -249,6 +249,15 @@ class ModelHypers(TypedDict):
     head_hidden_sizes: list[int] = [64, 64]
     """Hidden layer widths of the MLP heads of invariant targets other than
     ``mace_head_target``. Equivariant targets always use a linear head."""
+    enable_cueq: bool = False
+    """Run the MACE trunk (its linears, tensor products and symmetric
+    contractions) on NVIDIA's cuEquivariance instead of e3nn, as MACE's own
+    ``--enable_cueq``: several times faster on GPUs, the same numbers. Needs
+    ``pip install 'metatrain-mace[cueq]'`` (and cuequivariance-ops-torch-cu12 or
+    -cu13 for the GPU kernels; without them cuEquivariance runs a slow pure-torch
+    path). Works for models built from these hyperparameters and from MACE files.
+    Checkpoints store e3nn weights and record this setting; the exported model
+    always runs e3nn (see :ref:`precision-and-speed`)."""
 
 
 class TrainerHypers(TypedDict):

@@ -115,6 +115,11 @@ def restore_readout_heads(
 
 def _apply_lora(model: torch.nn.Module, config: Dict[str, Any]) -> None:
     """Insert the adapters and train only them and ``trainable_modules``."""
+    if getattr(model, "uses_cueq", False):
+        raise ValueError(
+            "LoRA fine-tuning runs on e3nn only (its adapters wrap e3nn linears): "
+            "set 'enable_cueq: false' in the model hyperparameters"
+        )
     known = {"rank", "alpha", "target_modules", "trainable_modules"}
     unknown = sorted(set(config) - known)
     if unknown:

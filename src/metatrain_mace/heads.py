@@ -122,7 +122,7 @@ def readout_last_layer_size(
     size = 0
     for i, readout in enumerate(readouts):
         if hasattr(readout, "linear_1"):
-            size += o3.Irreps(readout.linear_1.irreps_out).dim
+            size += o3.Irreps(str(readout.linear_1.irreps_out)).dim
         else:
             layer = len(layer_scalars) - 1 if len(readouts) == 1 else i
             size += layer_scalars[layer]

@@ -19,7 +19,7 @@ from metatrain.utils.architectures import get_default_hypers
 from metatrain.utils.data import DatasetInfo
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
-from metatrain_mace import foundation
+from metatrain_mace import cueq, foundation
 from metatrain_mace.assembly import OutputAssembly
 from metatrain_mace.batching import systems_to_graph
 from metatrain_mace.builder import build_mace, node_feature_irreps
@@ -58,7 +58,7 @@ class MetaMACE(
     :param dataset_info: targets, atomic types and length unit of the dataset.
     """
 
-    __checkpoint_version__ = 3
+    __checkpoint_version__ = 4
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float64, torch.float32]
     __default_metadata__ = ModelMetadata(
@@ -97,6 +97,8 @@ class MetaMACE(
                     get_default_hypers(ARCHITECTURE_NAME)["model"],
                     mace,
                 )
+            if hypers["enable_cueq"]:
+                mace = cueq.convert(mace, True)
             self.mace = mace
             self.head_index: int = foundation.select_head(
                 mace,
@@ -151,7 +153,7 @@ class MetaMACE(
         layer_scalars: List[int] = []
         start = 0
         for product in self.mace.products:
-            irreps = o3.Irreps(product.linear.irreps_out)
+            irreps = o3.Irreps(str(product.linear.irreps_out))
             layer_scalars.append(irreps.count(o3.Irrep("0e")))
             for mul, irrep in irreps:
                 if irrep == o3.Irrep("0e"):
@@ -162,8 +164,13 @@ class MetaMACE(
         )
         self.layer_scalars = layer_scalars
         self.num_scalar_features = len(scalar_index)
+        # set on --restart (the optimizer state belongs to the current backend)
+        self.loaded_for_restart = False
+        self._set_layout()
         # irreps that the node features actually carry (see irreps_probe)
-        self.layer_irreps = [o3.Irreps(p.linear.irreps_out) for p in self.mace.products]
+        self.layer_irreps = [
+            o3.Irreps(str(p.linear.irreps_out)) for p in self.mace.products
+        ]
         parameter = next(self.mace.parameters())
         self.produced_layer_irreps = produced_irreps(
             self._node_features,
@@ -284,6 +291,8 @@ class MetaMACE(
             or self._needs_heads(outputs)
         ):
             all_features = torch.cat(features, dim=-1)
+            if self.uses_cueq:
+                all_features = all_features.index_select(1, self.feature_order)
             scalar_features = all_features.index_select(1, self.scalar_index)
 
         if "feature" in outputs:

@@ -9,7 +9,7 @@ from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata
 from metatrain.utils.dtype import dtype_to_str
 from metatrain.utils.metadata import merge_metadata
 
-from metatrain_mace import checkpoints, finetuning, lora
+from metatrain_mace import checkpoints, cueq, finetuning, lora
 from metatrain_mace._version import __version__
 from metatrain_mace.checkpoint_files import save_model_atomically
 from metatrain_mace.naming import ARCHITECTURE_NAME
@@ -24,7 +24,10 @@ class CheckpointsAndExport:
     """Methods of :class:`MetaMACE` that save, load and export it."""
 
     def get_checkpoint(self) -> Dict[str, Any]:
-        state_dict = self.state_dict()
+        # checkpoints hold e3nn weights whatever the backend (readable without
+        # cuEquivariance); 'enable_cueq' in the hypers records the backend
+        source = self.e3nn_copy()
+        state_dict = source.state_dict()
         return {
             "architecture_name": ARCHITECTURE_NAME,
             "implementation": f"metatrain-mace {__version__}",
@@ -35,7 +38,7 @@ class CheckpointsAndExport:
                 "dataset_info": self.dataset_info,
                 # a trunk loaded from a MACE file travels with the checkpoint, so
                 # that the file is not needed any more
-                "mace_trunk": self.mace if self.from_file else None,
+                "mace_trunk": source.mace if self.from_file else None,
             },
             "epoch": None,
             "best_epoch": None,
@@ -62,8 +65,10 @@ class CheckpointsAndExport:
             raise ValueError(f"unknown checkpoint loading context {context!r}")
 
         model_data = checkpoint["model_data"]
+        hypers = model_data["model_hypers"]
+        # the weights are e3nn's: load them into an e3nn model, then move it
         model = cls(
-            model_data["model_hypers"],
+            {**hypers, "enable_cueq": False},
             model_data["dataset_info"],
             mace=model_data.get("mace_trunk"),
         )
@@ -77,6 +82,15 @@ class CheckpointsAndExport:
             model.set_avg_num_neighbors(float(model.avg_num_neighbors))
         model.additive_models[0].sync_tensor_maps()
         model.scaler.sync_tensor_maps()
+        model.loaded_for_restart = context == "restart"
+        if hypers.get("enable_cueq") and context != "export":
+            if context == "finetune" and not cueq.cueq_available():
+                logging.info(
+                    "The checkpoint was trained with cuEquivariance, which is not "
+                    "installed: fine-tuning on e3nn (same weights)"
+                )
+            else:
+                model.set_backend(True)
         model.finetune_config = checkpoint.get("finetune_config", {})
         model.metadata = merge_metadata(model.metadata, checkpoint.get("metadata"))
         return model
@@ -97,6 +111,17 @@ class CheckpointsAndExport:
         return compiled_copy(self, drop=[("mace", "joint_embedding")])
 
     def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
+        if self.uses_cueq:
+            # TorchScript cannot compile cuEquivariance's modules in reasonable
+            # time (and metatomic's engines load TorchScript): export on e3nn
+            logging.info(
+                "Exporting with the e3nn backend (same weights): the exported "
+                "model is TorchScript, which cuEquivariance's modules are not"
+            )
+            e3nn = self.e3nn_copy()
+            dtype = next(self.parameters()).dtype
+            e3nn.check_parity(self, 1e-10 if dtype == torch.float64 else 1e-4)
+            return e3nn.export(metadata)
         dtype = next(self.parameters()).dtype
         if dtype not in self.__supported_dtypes__:
             raise ValueError(f"unsupported dtype {dtype} for metatrain-mace")

@@ -192,11 +192,25 @@ class TargetRegistration:
                 self.mace, dataset_info, self.hypers["mace_model"], None
             )
         if model_hypers is not None:
+            # the backend may change between runs: the weights are the same
+            model_hypers = dict(model_hypers)
+            enable_cueq = bool(
+                model_hypers.pop("enable_cueq", self.hypers["enable_cueq"])
+            )
             raise_if_hypers_mismatch(
-                self.hypers,
+                {k: v for k, v in self.hypers.items() if k != "enable_cueq"},
                 model_hypers,
                 default_hypers=get_default_hypers(ARCHITECTURE_NAME)["model"],
             )
+            if enable_cueq != self.uses_cueq:
+                if self.loaded_for_restart:
+                    raise ValueError(
+                        "'enable_cueq' changed on --restart: the optimizer state "
+                        "belongs to the other backend. Continue with 'enable_cueq: "
+                        f"{str(self.uses_cueq).lower()}', or start a fine-tuning "
+                        "('finetune: read_from') to switch backends."
+                    )
+                self.set_backend(enable_cueq)
         merged = self.dataset_info.union(dataset_info)
         new_types = sorted(set(merged.atomic_types) - set(self.atomic_types))
         if new_types:

@@ -475,7 +475,10 @@ class Trainer(TrainerInterface[TrainerHypers]):
                 if metric < self.best_metric:
                     self.best_metric = metric
                     self.best_epoch = epoch
-                    self.best_model_state_dict = copy.deepcopy(model.state_dict())
+                    # e3nn weights, as every checkpoint (see get_checkpoint)
+                    self.best_model_state_dict = copy.deepcopy(
+                        model.e3nn_copy().state_dict()
+                    )
                     self.best_optimizer_state_dict = copy.deepcopy(
                         optimizer.state_dict()
                     )

@@ -3,11 +3,17 @@ node features of every layer, MACE's readout energy, ZBL and the charge/spin
 embedding energy, and the element check. A mixin: the methods use the model's
 ``mace`` module and buffers, and are compiled with the model by TorchScript."""
 
+import copy
+import logging
 from typing import List, Optional, Tuple
 
 import torch
 
+from metatrain_mace import cueq, lora
 from metatrain_mace.builder import set_avg_num_neighbors
+from metatrain_mace.irreps_probe import probe_cluster
+from metatrain_mace.scripting import tree_copy
+from metatrain_mace.slicing import split_tensor_product_inputs
 
 
 class TrunkPass:
@@ -17,6 +23,73 @@ class TrunkPass:
         """Store the neighbour-sum normalisation and push it into MACE."""
         self.avg_num_neighbors.fill_(float(value))
         set_avg_num_neighbors(self.mace, float(value))
+
+    def _set_layout(self) -> None:
+        """Follow the layout of the trunk's node features: cuEquivariance keeps
+        them as (irrep, multiplicity), the heads read e3nn's (multiplicity, irrep)."""
+        self.uses_cueq = cueq.is_cueq(self.mace)
+        if self.uses_cueq:
+            order = cueq.mul_ir_order(self.feature_irreps)
+        else:
+            order = torch.arange(self.feature_irreps.dim)
+        self.register_buffer(
+            "feature_order", order.to(self.scalar_index.device), persistent=False
+        )
+
+    def _convert_trunk(self, enable_cueq: bool) -> None:
+        """Move the trunk and the copies of MACE's readouts (readout heads) to the
+        other backend, weights included."""
+        self.mace = cueq.convert(self.mace, enable_cueq)
+        if not enable_cueq:
+            split_tensor_product_inputs(self.mace)
+        for name in self.readout_heads:
+            head = self.heads[name]
+            readouts = copy.deepcopy(self.mace.readouts)
+            cueq.copy_weights(head.readouts, readouts)
+            head.readouts = readouts
+        self._set_layout()
+
+    def set_backend(self, enable_cueq: bool) -> None:
+        """Run the trunk on cuEquivariance (``True``) or e3nn, with the same
+        weights; ``hypers["enable_cueq"]`` follows."""
+        if enable_cueq != self.uses_cueq:
+            if enable_cueq and lora.adapters(self):
+                raise ValueError(
+                    "LoRA adapters run on e3nn only: set 'enable_cueq: false' to "
+                    "train or fine-tune a model with LoRA adapters"
+                )
+            self._convert_trunk(enable_cueq)
+        self.hypers = {**self.hypers, "enable_cueq": enable_cueq}
+
+    def e3nn_copy(self):
+        """This model with an e3nn trunk, sharing every other weight (the model
+        itself when it already runs e3nn): what checkpoints and export hold."""
+        if not self.uses_cueq:
+            return self
+        twin = tree_copy(self)
+        twin._convert_trunk(False)
+        return twin
+
+    def check_parity(self, other, tolerance: float) -> float:
+        """Largest relative difference of the node features of this model's trunk
+        and ``other``'s on a random cluster; raises above ``tolerance``."""
+        parameter = next(self.mace.parameters())
+        graph = probe_cluster(
+            len(self.atomic_types), self.r_max, parameter.dtype, parameter.device
+        )
+        with torch.no_grad():
+            mine = torch.cat(self._node_features(*graph), dim=-1)[:, self.feature_order]
+            theirs = torch.cat(other._node_features(*graph), dim=-1)[
+                :, other.feature_order
+            ]
+        error = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-30))
+        if error > tolerance:
+            raise RuntimeError(
+                f"the e3nn and cuEquivariance trunks disagree: relative error "
+                f"{error:.2e} > {tolerance:.0e}; please report this with your model"
+            )
+        logging.info(f"e3nn and cuEquivariance trunks agree to {error:.1e} (relative)")
+        return error
 
     def _node_features(
         self,

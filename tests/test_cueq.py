@@ -1,0 +1,335 @@
+"""cuEquivariance backend (``enable_cueq``) against e3nn, on the CPU.
+
+cuEquivariance runs its pure-torch path here (no GPU in CI); the kernels differ on
+a GPU, the weights and the conversion tested here do not. References are the e3nn
+model with the same weights: energies, forces, stress and every head agree to
+1e-10 relative in float64, and so do the gradients of a training step.
+"""
+
+import copy
+from typing import Dict
+
+import ase.build
+import pytest
+import torch
+from metatomic.torch import systems_to_torch
+from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.data import DatasetInfo
+from metatrain.utils.data.target_info import get_energy_target_info
+from metatrain.utils.evaluate_model import evaluate_model
+from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
+
+from mace_files import CHARGE_SPIN_SPECS, ELEMENTS, save_mace_model
+from metatrain_mace import MetaMACE, cueq
+from symmetry import all_kinds_dataset_info, structures
+
+
+TOLERANCE = 1e-10
+ORDINARY = {
+    "r_max": 4.0,
+    "num_radial_basis": 6,
+    "max_ell": 2,
+    "num_interactions": 2,
+    "hidden_irreps": "8x0e + 8x1o + 8x2e",
+    "correlation": 3,
+    "MLP_irreps": "8x0e",
+    "radial_MLP": [16],
+    "head_hidden_sizes": [8],
+}
+
+
+def _predict(model: torch.nn.Module, atoms_list, info: DatasetInfo) -> Dict:
+    """Every block (values and gradients) of every target, as float64 tensors."""
+    systems = [
+        get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+        for system in systems_to_torch(atoms_list, dtype=torch.float64)
+    ]
+    results = evaluate_model(model, systems, info.targets, is_training=False)
+    values: Dict[str, torch.Tensor] = {}
+    for name, tensor in results.items():
+        for i, block in enumerate(tensor.blocks()):
+            values[f"{name}[{i}]"] = block.values.detach()
+            for parameter, gradient in block.gradients():
+                values[f"{name}[{i}]/{parameter}"] = gradient.values.detach()
+    return values
+
+
+def _relative_errors(mine: Dict, reference: Dict) -> Dict[str, float]:
+    assert mine.keys() == reference.keys()
+    return {
+        name: float((mine[name] - value).abs().max() / value.abs().max())
+        for name, value in reference.items()
+        if value.numel() > 0 and float(value.abs().max()) > 0
+    }
+
+
+def _on_cueq(model: MetaMACE) -> MetaMACE:
+    twin = copy.deepcopy(model)
+    twin.set_backend(True)
+    assert twin.uses_cueq and cueq.is_cueq(twin.mace)
+    return twin
+
+
+@pytest.fixture(scope="module")
+def hypers_model():
+    torch.manual_seed(0)
+    hypers = {**get_default_hypers("experimental.mace")["model"], **ORDINARY}
+    info = all_kinds_dataset_info()
+    model = MetaMACE(hypers, info).eval()
+    with torch.no_grad():
+        for parameter in model.heads.parameters():
+            parameter.normal_()
+    return model, info
+
+
+def test_hypers_built_model_agrees_with_e3nn(hypers_model) -> None:
+    model, info = hypers_model
+    twin = _on_cueq(model)
+    reference = _predict(model, structures(), info)
+    errors = _relative_errors(_predict(twin, structures(), info), reference)
+    for name in sorted(errors):
+        print(f"{name}: relative error {errors[name]:.1e}")
+    # energies, forces, stress and every head of every kind
+    assert any("/positions" in name for name in errors)
+    assert any("/strain" in name for name in errors)
+    assert len(errors) >= 16
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+def test_training_step_gradients_agree(hypers_model) -> None:
+    """The gradients of one loss, mapped from cuEquivariance's weights to e3nn's
+    (the mapping is linear: concatenation and reshapes), equal e3nn's."""
+    model, info = hypers_model
+    model = copy.deepcopy(model).train()
+    twin = _on_cueq(model).train()
+    systems = [
+        get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+        for system in systems_to_torch(structures(), dtype=torch.float64)
+    ]
+    for candidate in (model, twin):
+        candidate.zero_grad()
+        results = evaluate_model(candidate, systems, info.targets, is_training=True)
+        loss = sum(
+            (block.values**2).sum()
+            for tensor in results.values()
+            for block in tensor.blocks()
+        )
+        loss.backward()
+    # gradients of the cuEquivariance trunk, moved to e3nn's layout
+    gradients = copy.deepcopy(twin.mace)
+    for holder, parameter in zip(
+        gradients.parameters(), twin.mace.parameters(), strict=True
+    ):
+        holder.data = (
+            parameter.grad.clone()
+            if parameter.grad is not None
+            else torch.zeros_like(parameter)
+        )
+    mapped = dict(cueq.convert(gradients, False).named_parameters())
+    errors = {}
+    for name, parameter in model.mace.named_parameters():
+        if parameter.grad is None or not parameter.grad.abs().max() > 0:
+            continue
+        scale = float(parameter.grad.abs().max())
+        errors[name] = float((mapped[name] - parameter.grad).abs().max()) / scale
+    for name, parameter in model.heads.named_parameters():
+        other = dict(twin.heads.named_parameters())[name]
+        scale = float(parameter.grad.abs().max())
+        errors["heads." + name] = (
+            float((other.grad - parameter.grad).abs().max()) / scale
+        )
+    worst = max(errors, key=errors.get)
+    print(f"largest relative gradient difference: {errors[worst]:.1e} ({worst})")
+    assert any("symmetric_contractions" in name for name in errors)
+    assert len(errors) > 20
+    assert max(errors.values()) < TOLERANCE, max(errors.items(), key=lambda x: x[1])
+
+
+def file_structures() -> list:
+    """A molecule (H, C, O) and a periodic Al-Cu-Au cell, rattled."""
+    molecule = ase.build.molecule("CH3CHO")
+    molecule.rattle(0.05, seed=1)
+    cell = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True) * (2, 1, 1)
+    cell.numbers[::3] = 79
+    cell.numbers[1] = 13
+    cell.rattle(0.08, seed=2)
+    return [molecule, cell]
+
+
+FILE_KINDS = {
+    "plain MACE": dict(scale_shift=False),
+    "ScaleShiftMACE": dict(),
+    "two heads": dict(heads=["pbe", "r2scan"]),
+    "ZBL": dict(pair_repulsion=True),
+    "charge and spin": dict(embedding_specs=CHARGE_SPIN_SPECS),
+    "reduced coupling basis": dict(use_reduced_cg=True, heads=["pbe", "r2scan"]),
+}
+# mace-torch's reduced basis maps to cuEquivariance's through a change of basis
+# that cuEquivariance fits numerically (mace-torch's own converter uses the same):
+# measured 2e-10 (energy) to 3e-9 (stress)
+REDUCED_TOLERANCE = 1e-8
+
+
+@pytest.mark.parametrize("kind", list(FILE_KINDS))
+def test_file_model_agrees_with_e3nn(kind, tmp_path) -> None:
+    path = save_mace_model(tmp_path / "file.model", **FILE_KINDS[kind])
+    hypers = {
+        **get_default_hypers("experimental.mace")["model"],
+        "mace_model": str(path),
+    }
+    if "heads" in FILE_KINDS[kind]:
+        hypers["mace_head_name"] = "r2scan"
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=ELEMENTS,
+        targets={
+            "energy": get_energy_target_info(
+                "energy",
+                {"unit": "eV"},
+                add_position_gradients=True,
+                add_strain_gradients=True,
+            )
+        },
+    )
+    e3nn = MetaMACE(hypers, info).eval()
+    on_cueq = MetaMACE({**hypers, "enable_cueq": True}, info).eval()
+    assert on_cueq.uses_cueq and not e3nn.uses_cueq
+    atoms_list = file_structures()
+    errors = _relative_errors(
+        _predict(on_cueq, atoms_list, info), _predict(e3nn, atoms_list, info)
+    )
+    print(kind, errors)
+    assert len(errors) == 3
+    tolerance = REDUCED_TOLERANCE if "reduced" in kind else TOLERANCE
+    assert max(errors.values()) < tolerance, errors
+
+
+def test_without_the_extra_enable_cueq_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(cueq, "cueq_available", lambda: False)
+    hypers = {**get_default_hypers("experimental.mace")["model"], **ORDINARY}
+    with pytest.raises(ImportError, match=r"pip install 'metatrain-mace\[cueq\]'"):
+        MetaMACE({**hypers, "enable_cueq": True}, all_kinds_dataset_info())
+
+
+def test_mtt_train_export_and_checkpoints_across_backends(
+    alloy_path, tmp_path, caplog
+) -> None:
+    """Two epochs of ``mtt train`` on cuEquivariance; the checkpoint holds e3nn
+    weights and records the backend; export (e3nn) and every way of loading the
+    checkpoint give the same energies and forces."""
+    import logging
+
+    import ase.io
+    from metatomic_ase import MetatomicCalculator
+    from metatrain.cli.train import train_model
+    from metatrain.utils.io import load_model
+    from omegaconf import OmegaConf
+
+    options = {
+        "seed": 0,
+        "base_precision": 64,
+        "architecture": {
+            "name": "experimental.mace",
+            "model": {
+                **{k: ORDINARY[k] for k in ("r_max", "max_ell")},
+                "hidden_irreps": "8x0e + 8x1o",
+                "correlation": 2,
+                "MLP_irreps": "8x0e",
+                "radial_MLP": [16],
+                "enable_cueq": True,
+            },
+            "training": {
+                "num_epochs": 2,
+                "batch_size": 4,
+                "num_workers": 0,
+                "log_interval": 1,
+                "checkpoint_interval": 1,
+            },
+        },
+        "training_set": {
+            "systems": {"read_from": alloy_path, "length_unit": "angstrom"},
+            "targets": {
+                "energy": {
+                    "key": "REF_energy",
+                    "unit": "eV",
+                    "forces": {"key": "REF_forces"},
+                    "stress": {"key": "REF_stress"},
+                }
+            },
+        },
+        "validation_set": 0.2,
+        "test_set": 0.0,
+    }
+    (tmp_path / "run").mkdir()
+    # mtt train exports from the checkpoint (e3nn weights)
+    train_model(
+        OmegaConf.create(options),
+        output=str(tmp_path / "model.pt"),
+        checkpoint_dir=str(tmp_path / "run"),
+    )
+
+    checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)
+    assert checkpoint["model_data"]["model_hypers"]["enable_cueq"] is True
+    assert any(
+        k.endswith("symmetric_contractions.contractions.0.weights_max")
+        for k in checkpoint["model_state_dict"]
+    )
+
+    frames = ase.io.read(alloy_path, ":2")
+    exported = MetatomicCalculator(
+        str(tmp_path / "model.pt"), extensions_directory=None
+    )
+
+    def energies_forces(calculator):
+        result = []
+        for atoms in frames:
+            atoms = atoms.copy()
+            atoms.calc = calculator
+            result.append((atoms.get_potential_energy(), atoms.get_forces()))
+        return result
+
+    reference = energies_forces(exported)
+    for context, expect_cueq in (
+        ("restart", True),
+        ("finetune", True),
+        ("export", False),
+    ):
+        model = MetaMACE.load_checkpoint(copy.deepcopy(checkpoint), context)
+        assert model.uses_cueq is expect_cueq, context
+    # fine-tuning on the other backend: restart() switches, same predictions
+    model = MetaMACE.load_checkpoint(copy.deepcopy(checkpoint), "finetune")
+    model = model.restart(model.dataset_info, model_hypers={"enable_cueq": False})
+    assert not model.uses_cueq and model.hypers["enable_cueq"] is False
+    path = str(tmp_path / "switched.pt")
+    model.export().save(path)
+    switched = energies_forces(MetatomicCalculator(path, extensions_directory=None))
+    for (e0, f0), (e1, f1) in zip(reference, switched, strict=True):
+        assert abs(e0 - e1) <= 1e-10 * abs(e0)
+        assert abs(f0 - f1).max() <= 1e-10 * abs(f0).max()
+    # exporting a model that runs cuEquivariance: e3nn, checked against it
+    model = MetaMACE.load_checkpoint(copy.deepcopy(checkpoint), "restart")
+    assert model.uses_cueq
+    with caplog.at_level(logging.INFO):
+        model.export().save(path)
+    assert "Exporting with the e3nn backend" in caplog.text
+    assert "trunks agree to" in caplog.text
+    assert model.uses_cueq
+    direct = energies_forces(MetatomicCalculator(path, extensions_directory=None))
+    for (e0, f0), (e1, f1) in zip(reference, direct, strict=True):
+        assert abs(e0 - e1) <= 1e-10 * abs(e0)
+        assert abs(f0 - f1).max() <= 1e-10 * abs(f0).max()
+    # --restart cannot change the backend (the optimizer state is the other's)
+    model = MetaMACE.load_checkpoint(copy.deepcopy(checkpoint), "restart")
+    with pytest.raises(ValueError, match="'enable_cueq' changed on --restart"):
+        model.restart(model.dataset_info, model_hypers={"enable_cueq": False})
+    # mtt export of the checkpoint
+    assert load_model(str(tmp_path / "model.ckpt")) is not None
+
+
+def test_lora_is_refused_on_cueq(hypers_model) -> None:
+    from metatrain_mace.finetuning import apply_finetuning
+
+    model, _ = hypers_model
+    twin = _on_cueq(model)
+    with pytest.raises(ValueError, match="LoRA fine-tuning runs on e3nn only"):
+        apply_finetuning(twin, {"method": "lora", "config": {"rank": 2, "alpha": 1.0}})

@@ -1,0 +1,188 @@
+"""The per-block precision report (``metatrain-mace precision``).
+
+References: the report of float64 against itself is exactly zero; float32 sits
+between 1e-9 and 1e-3 relative in every row; a block that secretly computes in
+bfloat16 stands out in its own row; the end-to-end numbers equal the differences
+of two separately built models.
+"""
+
+import csv
+
+import ase.io
+import pytest
+import torch
+from metatrain.utils.architectures import get_default_hypers
+from metatrain.utils.data import DatasetInfo
+from metatrain.utils.data.target_info import get_energy_target_info
+
+from metatrain_mace import MetaMACE
+from metatrain_mace.cli import main
+from metatrain_mace.precision import precision_report
+from symmetry import structures
+
+
+SMALL = {
+    "r_max": 4.0,
+    "num_radial_basis": 6,
+    "max_ell": 2,
+    "num_interactions": 2,
+    "hidden_irreps": "8x0e + 8x1o",
+    "correlation": 3,
+    "MLP_irreps": "8x0e",
+    "radial_MLP": [16],
+}
+
+
+@pytest.fixture(scope="module")
+def small_model() -> MetaMACE:
+    torch.manual_seed(0)
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6, 8],
+        targets={
+            "energy": get_energy_target_info(
+                "energy",
+                {"unit": "eV"},
+                add_position_gradients=True,
+                add_strain_gradients=True,
+            )
+        },
+    )
+    hypers = {**get_default_hypers("experimental.mace")["model"], **SMALL}
+    model = MetaMACE(hypers, info).eval()
+    # a realistic non-zero readout
+    with torch.no_grad():
+        for parameter in model.mace.readouts.parameters():
+            parameter.normal_()
+    return model
+
+
+BLOCKS = [
+    "embedding",
+    "interaction.0",
+    "product.0",
+    "interaction.1",
+    "product.1",
+    "readout.0",
+    "readout.1",
+]
+
+
+def _by_block(rows):
+    return {(r.block, r.quantity): r for r in rows}
+
+
+def test_float64_against_float64_is_exactly_zero(small_model) -> None:
+    rows = precision_report(small_model, structures(), ["float64"])
+    table = _by_block(rows)
+    for block in BLOCKS:
+        for quantity in ("forward", "backward"):
+            assert (block, quantity) in table
+    for quantity in ("energy_per_atom", "forces", "stress"):
+        assert ("model", quantity) in table
+    assert all(r.status == "ok" for r in rows)
+    assert all(r.max_abs_error == 0.0 and r.max_rel_error == 0.0 for r in rows)
+
+
+def test_float32_errors_are_float32_sized(small_model) -> None:
+    rows = precision_report(small_model, structures(), ["float32"])
+    for row in rows:
+        print(f"{row.block:15s} {row.quantity:16s} {row.max_rel_error:.1e}")
+        assert 1e-9 < row.max_rel_error < 1e-3, row
+
+
+class _Bfloat16Inside(torch.nn.Module):
+    """A block that rounds its output to bfloat16 when run in float32: the kind
+    of silent cast the report exists to find."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, **kwargs) -> torch.Tensor:
+        out = self.block(**kwargs)
+        if out.dtype == torch.float32:
+            out = out.to(torch.bfloat16).to(torch.float32)
+        return out
+
+
+def test_an_injected_cast_shows_up_in_its_block(small_model) -> None:
+    import copy
+
+    clean = _by_block(precision_report(small_model, structures(), ["float32"]))
+    broken_model = copy.deepcopy(small_model)
+    broken_model.mace.products[1] = _Bfloat16Inside(broken_model.mace.products[1])
+    broken = _by_block(precision_report(broken_model, structures(), ["float32"]))
+    row = broken[("product.1", "forward")]
+    assert row.max_rel_error > 1e-4
+    assert row.max_rel_error > 100 * clean[("product.1", "forward")].max_rel_error
+    # the other blocks are not blamed: the inputs of every block are float64's
+    for key, other in broken.items():
+        if key[0] not in ("product.1", "model"):
+            assert other.max_rel_error == pytest.approx(
+                clean[key].max_rel_error, rel=1e-6
+            ), key
+    # and the whole model pays for it
+    assert broken[("model", "energy_per_atom")].max_rel_error > 10 * (
+        clean[("model", "energy_per_atom")].max_rel_error
+    )
+
+
+def test_command_writes_csv_and_plot(small_model, tmp_path) -> None:
+    small_model.get_checkpoint()
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save(small_model.get_checkpoint(), checkpoint)
+    frames = tmp_path / "frames.xyz"
+    ase.io.write(frames, structures())
+    output, plot = tmp_path / "report.csv", tmp_path / "report.png"
+    main(
+        [
+            "precision",
+            str(checkpoint),
+            str(frames),
+            "-o",
+            str(output),
+            "--plot",
+            str(plot),
+            "--dtypes",
+            "float32,bfloat16",
+        ]
+    )
+    with output.open() as fd:
+        rows = list(csv.DictReader(fd))
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert len(rows) == 2 * (2 * len(BLOCKS) + 3)
+    bf16 = {
+        (r["block"], r["quantity"]): float(r["max_rel_error"])
+        for r in rows
+        if r["dtype"] == "bfloat16" and r["status"] == "ok"
+    }
+    f32 = {
+        (r["block"], r["quantity"]): float(r["max_rel_error"])
+        for r in rows
+        if r["dtype"] == "float32"
+    }
+    # bfloat16 keeps 8 bits of mantissa, float32 24
+    for key, error in bf16.items():
+        assert error > 10 * f32[key], key
+    assert plot.stat().st_size > 10_000
+
+
+def test_exported_models_are_refused_with_the_way_out(small_model, tmp_path) -> None:
+    path = tmp_path / "model.pt"
+    small_model.export().save(str(path))
+    frames = tmp_path / "frames.xyz"
+    ase.io.write(frames, structures())
+    with pytest.raises(SystemExit):
+        main(["precision", str(path), str(frames)])
+
+
+def test_report_on_the_cueq_backend(small_model) -> None:
+    rows = precision_report(small_model, structures(), ["float64", "float32"], "cueq")
+    assert {r.backend for r in rows} == {"cueq"}
+    for row in rows:
+        assert row.status == "ok", row
+        if row.dtype == "float64":
+            assert row.max_rel_error == 0.0, row
+        else:
+            assert 1e-9 < row.max_rel_error < 1e-3, row
