@@ -132,7 +132,7 @@ def _measure(atoms, systems, ours, theirs, info, device, repeats):
             "energy"
         ].block()
         results[name] = (
-            float(out.values.sum()),
+            float(out.values.detach().sum()),
             out.gradient("positions").values.detach().reshape(-1, 3).cpu(),
         )
 
@@ -146,6 +146,8 @@ def _measure(atoms, systems, ours, theirs, info, device, repeats):
         optimizer.zero_grad()
 
     def theirs_call(calculator, name):
+        # ASE calculators cache the last result: forget it, so every call computes
+        calculator.reset()
         trial = atoms.copy()
         trial.calc = calculator
         results[name] = (
