@@ -63,8 +63,8 @@ def main(argv: List[str]) -> None:
     from mace.calculators import MACECalculator
     from metatrain.utils.data.target_info import get_energy_target_info
 
+    from metatrain_mace.batching import systems_for_model
     from metatrain_mace.export import mace_file_to_model
-    from metatrain_mace.precision import _systems
 
     device = args.device
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,7 +97,9 @@ def main(argv: List[str]) -> None:
             }
             for n in [int(x) for x in args.sizes.split(",")]:
                 atoms = supercell(n, seed=n)
-                systems = [s.to(device=device) for s in _systems(e3nn, [atoms], dtype)]
+                systems = [
+                    s.to(device=device) for s in systems_for_model(e3nn, [atoms], dtype)
+                ]
                 median, results = _measure(
                     atoms, systems, ours, theirs, info, device, args.repeats
                 )

@@ -7,6 +7,8 @@ periodic Cu-Au cells from ``examples/alloy/make_data.py``.
 import importlib.util
 from pathlib import Path
 
+import ase
+import ase.build
 import ase.io
 import numpy as np
 from ase.build import molecule
@@ -60,3 +62,15 @@ def make_alloy(path: Path, n_structures: int = 40, seed: int = 0) -> Path:
     spec.loader.exec_module(module)
     module.make_alloy_dataset(str(path), n_structures, seed)
     return path
+
+
+def mixed_structures() -> list:
+    """A molecule (H, C, O) and a periodic Al-Cu-Au cell, rattled: the elements
+    of ``mace_files.ELEMENTS``, with and without periodicity."""
+    acetaldehyde = molecule("CH3CHO")
+    acetaldehyde.rattle(0.05, seed=1)
+    cell = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True) * (2, 1, 1)
+    cell.numbers[::3] = 79
+    cell.numbers[1] = 13
+    cell.rattle(0.08, seed=2)
+    return [acetaldehyde, cell]

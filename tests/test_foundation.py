@@ -20,6 +20,7 @@ from metatrain.utils.data import DatasetInfo
 from metatrain.utils.data.target_info import get_energy_target_info
 from omegaconf import OmegaConf
 
+from datasets import mixed_structures
 from mace_files import build_mace_model, save_mace_model
 from metatrain_mace import export_mace_model
 from metatrain_mace.export import mace_file_to_model
@@ -27,15 +28,7 @@ from metatrain_mace.foundation import energy_baseline
 from metatrain_mace.model import MetaMACE
 
 
-def structures() -> list:
-    """A molecule (H, C, O) and a periodic Al-Cu-Au cell, rattled."""
-    molecule = ase.build.molecule("CH3CHO")
-    molecule.rattle(0.05, seed=1)
-    cell = ase.build.bulk("Cu", "fcc", a=3.7, cubic=True) * (2, 1, 1)
-    cell.numbers[::3] = 79
-    cell.numbers[1] = 13
-    cell.rattle(0.08, seed=2)
-    return [molecule, cell]
+structures = mixed_structures
 
 
 def evaluate(calculator, atoms: ase.Atoms) -> tuple:

@@ -55,3 +55,31 @@ def systems_to_graph(
         torch.stack([sender, receiver]),
         vectors,
     )
+
+
+def systems_for_model(model: torch.nn.Module, frames: list, dtype: torch.dtype) -> list:
+    """ASE structures as metatomic systems in ``dtype``, with the neighbour lists
+    ``model`` asks for (outside metatrain's data loading: benchmarks, reports).
+
+    The neighbour lists are made from the float64 positions (metatrain makes them
+    with numpy, which has no bfloat16), then the systems are cast. A model
+    conditioned on total charge and spin gets them from ``atoms.info``."""
+    from metatomic.torch import systems_to_torch
+    from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
+
+    from metatrain_mace.conditioning import ase_inputs
+
+    names = list(model.requested_inputs())
+    systems = []
+    for atoms, system in zip(
+        frames, systems_to_torch(frames, dtype=torch.float64), strict=True
+    ):
+        system = get_system_with_neighbor_lists(
+            system, model.requested_neighbor_lists()
+        )
+        # total charge and spin multiplicity from atoms.info, as metatomic's ASE
+        # calculator reads them
+        for name, tensor in ase_inputs(atoms, names, torch.float64).items():
+            system.add_data(name, tensor)
+        systems.append(system.to(dtype=dtype))
+    return systems

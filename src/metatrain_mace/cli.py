@@ -84,11 +84,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             "the float64 inputs of each block, and report the largest absolute "
             "and relative errors of the outputs and of the gradients, then the "
             "end-to-end errors of energy per atom, forces and stress. MACE files "
-            "and checkpoints are pickles: only give files you trust."
+            "and checkpoints are pickles: only give files you trust. Exported models "
+            "are rebuilt from the record their export stores."
         ),
     )
     precision.add_argument(
-        "model", help="checkpoint (.ckpt) or MACE model file (.model)"
+        "model",
+        help="checkpoint (.ckpt), exported model (.pt) or MACE model file (.model)",
     )
     precision.add_argument(
         "structures", help="structures to evaluate (any file ASE reads)"

@@ -28,6 +28,11 @@ from metatomic.torch import System
 INPUTS = {"total_charge": "charge", "total_spin": "spin_multiplicity"}
 # the values MACE uses when a structure does not give one (mace.data.AtomicData)
 DEFAULTS = {"total_charge": 0.0, "total_spin": 1.0}
+# where metatomic's ASE calculator reads each input in ``atoms.info``, in order
+ASE_INFO_KEYS = {
+    "charge": ("charge",),
+    "spin_multiplicity": ("spin_multiplicity", "spin"),
+}
 
 
 def check_specs(specs: Dict[str, Any], source: str) -> None:
@@ -136,6 +141,26 @@ class SystemConditioning(torch.nn.Module):
                 embedded = embedder(values.to(dtype).unsqueeze(-1))
             embeddings.append(embedded.index_select(0, system_index))
         return self.project(torch.cat(embeddings, dim=-1))
+
+
+def ase_inputs(atoms: Any, names: List[str], dtype: torch.dtype) -> Dict[str, Any]:
+    """The per-system inputs ``names`` of an ASE structure as metatomic's ASE
+    calculator gives them to a model: from ``atoms.info``, with MACE's defaults."""
+    from metatensor.torch import Labels, TensorBlock, TensorMap
+
+    defaults = {INPUTS[k]: v for k, v in DEFAULTS.items()}
+    inputs: Dict[str, Any] = {}
+    for name in names:
+        keys = [key for key in ASE_INFO_KEYS[name] if key in atoms.info]
+        value = float(atoms.info[keys[0]]) if keys else defaults[name]
+        block = TensorBlock(
+            values=torch.tensor([[value]], dtype=dtype),
+            samples=Labels(["system"], torch.zeros((1, 1), dtype=torch.int32)),
+            components=[],
+            properties=Labels([name], torch.tensor([[0]])),
+        )
+        inputs[name] = TensorMap(Labels(["_"], torch.tensor([[0]])), [block])
+    return inputs
 
 
 def report_missing_inputs(

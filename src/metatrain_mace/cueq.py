@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from metatrain_mace.builder import float64_default
+from metatrain_mace.mace_args import constructor_args, is_cueq, reduced_cg
 from metatrain_mace.mace_import import o3
 from metatrain_mace.scripting import quiet_torchscript
 
@@ -47,13 +48,6 @@ def require_cueq(what: str = "'enable_cueq: true'") -> None:
         )
 
 
-def is_cueq(mace: torch.nn.Module) -> bool:
-    """Whether a MACE module runs on cuEquivariance (its symmetric contractions
-    are cuequivariance-torch modules)."""
-    contraction = mace.products[0].symmetric_contractions
-    return type(contraction).__module__.startswith("cuequivariance_torch")
-
-
 def cueq_config() -> Any:
     """mace-torch's configuration for a cuEquivariance MACE: every operation on
     cuEquivariance, in its native (irrep, multiplicity) layout, with e3nn's O3
@@ -65,136 +59,6 @@ def cueq_config() -> Any:
     )
 
 
-def _irreps(value: Any) -> o3.Irreps:
-    return o3.Irreps(str(value))
-
-
-def _correlation(product: torch.nn.Module) -> int:
-    contraction = product.symmetric_contractions
-    if hasattr(contraction, "contraction_degree"):
-        return int(contraction.contraction_degree)
-    return int(contraction.contractions[0].correlation)
-
-
-def _radial_mlp(interaction: torch.nn.Module) -> List[int]:
-    weights = interaction.conv_tp_weights
-    if hasattr(weights, "hs"):
-        return [int(h) for h in weights.hs[1:-1]]
-    return [
-        int(layer.weight.shape[1])
-        for name, layer in weights.named_children()
-        if name.startswith("layer")
-    ][:-1]
-
-
-def _gate(readout: torch.nn.Module) -> Any:
-    activation = getattr(readout, "non_linearity", None)
-    acts = getattr(activation, "acts", None)
-    if acts:
-        return acts[0].f
-    return None
-
-
-def _radial_type(mace: torch.nn.Module) -> str:
-    name = type(mace.radial_embedding.bessel_fn).__name__
-    return {"BesselBasis": "bessel", "GaussianBasis": "gaussian"}.get(name, "chebyshev")
-
-
-def _distance_transform(mace: torch.nn.Module) -> str:
-    transform = getattr(mace.radial_embedding, "distance_transform", None)
-    if transform is None:
-        return "None"
-    return {"AgnesiTransform": "Agnesi", "SoftTransform": "Soft"}.get(
-        type(transform).__name__, "None"
-    )
-
-
-def constructor_args(mace: torch.nn.Module) -> Dict[str, Any]:
-    """The arguments of ``type(mace)(...)`` that rebuild ``mace`` (weights aside),
-    read back from the module (e3nn or cuEquivariance)."""
-    heads = list(getattr(mace, "heads", None) or ["Default"])
-    readout = mace.readouts[-1]
-    if hasattr(readout, "hidden_irreps"):
-        per_head = _irreps(readout.hidden_irreps).count(o3.Irrep("0e")) // len(heads)
-        mlp_irreps = o3.Irreps(f"{max(per_head, 1)}x0e")
-    else:
-        mlp_irreps = o3.Irreps("16x0e")
-    interactions = mace.interactions
-    products = mace.products
-    # with one layer only the scalars of the hidden irreps are built
-    hidden = _irreps(products[0].linear.irreps_out)
-    args: Dict[str, Any] = {
-        "r_max": float(mace.r_max),
-        "num_bessel": int(mace.radial_embedding.out_dim),
-        "num_polynomial_cutoff": int(mace.radial_embedding.cutoff_fn.p),
-        "max_ell": int(_irreps(mace.spherical_harmonics.irreps_out).lmax),
-        "interaction_cls": type(interactions[-1]),
-        "interaction_cls_first": type(interactions[0]),
-        "num_interactions": int(mace.num_interactions),
-        "num_elements": len(mace.atomic_numbers),
-        "hidden_irreps": hidden,
-        "MLP_irreps": mlp_irreps,
-        "atomic_energies": mace.atomic_energies_fn.atomic_energies.detach()
-        .cpu()
-        .numpy(),
-        "avg_num_neighbors": float(interactions[0].avg_num_neighbors),
-        "atomic_numbers": [int(z) for z in mace.atomic_numbers],
-        "correlation": [_correlation(p) for p in products],
-        "gate": _gate(readout),
-        "pair_repulsion": hasattr(mace, "pair_repulsion_fn"),
-        "apply_cutoff": bool(getattr(mace, "apply_cutoff", True)),
-        "use_reduced_cg": bool(getattr(mace, "use_reduced_cg", False)),
-        "use_so3": bool(getattr(mace, "use_so3", False)),
-        "use_agnostic_product": bool(getattr(mace, "use_agnostic_product", False)),
-        "use_last_readout_only": bool(getattr(mace, "use_last_readout_only", False)),
-        "use_embedding_readout": hasattr(mace, "embedding_readout"),
-        "distance_transform": _distance_transform(mace),
-        "edge_irreps": getattr(mace, "edge_irreps", None),
-        "use_edge_irreps_first": bool(getattr(mace, "use_edge_irreps_first", False)),
-        "radial_MLP": _radial_mlp(interactions[0]),
-        "radial_type": _radial_type(mace),
-        "heads": heads,
-        "embedding_specs": getattr(mace, "embedding_specs", None),
-        "readout_cls": type(readout),
-    }
-    if hasattr(mace, "scale_shift"):
-        args["atomic_inter_scale"] = (
-            mace.scale_shift.scale.detach().cpu().numpy().copy()
-        )
-        args["atomic_inter_shift"] = (
-            mace.scale_shift.shift.detach().cpu().numpy().copy()
-        )
-    return args
-
-
-def reduced_cg(mace: torch.nn.Module) -> bool:
-    """Whether the symmetric contractions use mace-torch's reduced coupling basis.
-
-    mace-torch builds the reduced basis only when cuEquivariance is importable, so
-    a file's ``use_reduced_cg`` flag alone does not tell: compare the size of the
-    stored basis with the full one."""
-    if is_cueq(mace):
-        return bool(getattr(mace, "use_reduced_cg", False))
-    from mace.tools.cg import U_matrix_real
-
-    block = mace.products[0].symmetric_contractions
-    for contraction, (_, irrep) in zip(
-        block.contractions, o3.Irreps(str(block.irreps_out)), strict=True
-    ):
-        correlation = int(contraction.correlation)
-        stored = getattr(contraction, f"U_matrix_{correlation}")
-        with float64_default():
-            full = U_matrix_real(
-                irreps_in=contraction.coupling_irreps,
-                irreps_out=o3.Irreps(str(irrep)),
-                correlation=correlation,
-                use_cueq_cg=False,
-            )[-1]
-        if tuple(full.shape) != tuple(stored.shape):
-            return True
-    return False
-
-
 def _projection(contraction: torch.nn.Module, correlation: int) -> torch.Tensor:
     """cuEquivariance's change of basis for the reduced coupling basis."""
     import cuequivariance as cue
@@ -203,11 +67,14 @@ def _projection(contraction: torch.nn.Module, correlation: int) -> torch.Tensor:
 
     irreps_in = o3.Irreps([ir for _, ir in o3.Irreps(str(contraction.irreps_in))])
     irreps_out = o3.Irreps([ir for _, ir in o3.Irreps(str(contraction.irreps_out))])
-    _, projection = symmetric_contraction_proj(
-        cue.Irreps(O3_e3nn, str(irreps_in)),
-        cue.Irreps(O3_e3nn, str(irreps_out)),
-        list(range(1, correlation + 1)),
-    )
+    # mace-torch computes the coupling basis in the default dtype: in float32
+    # the fitted change of basis misses by 2e-8, in float64 by 2e-16
+    with float64_default():
+        _, projection = symmetric_contraction_proj(
+            cue.Irreps(O3_e3nn, str(irreps_in)),
+            cue.Irreps(O3_e3nn, str(irreps_out)),
+            list(range(1, correlation + 1)),
+        )
     return torch.as_tensor(np.asarray(projection), dtype=torch.float64)
 
 
@@ -343,7 +210,6 @@ def convert(mace: torch.nn.Module, to_cueq: bool) -> torch.nn.Module:
 
 __all__ = [
     "INSTALL_HINT",
-    "constructor_args",
     "convert",
     "copy_weights",
     "mul_ir_order",

@@ -17,6 +17,7 @@ import torch
 
 from metatrain_mace import foundation_names
 from metatrain_mace.conditioning import check_specs
+from metatrain_mace.mace_args import constructor_args
 from metatrain_mace.mace_import import mace_modules, o3
 from metatrain_mace.scripting import quiet_torchscript
 
@@ -177,16 +178,16 @@ def energy_baseline(mace: torch.nn.Module, head: int) -> Tuple[Dict[int, float],
 
 def file_hypers(mace: torch.nn.Module) -> Dict[str, Any]:
     """The architecture hyperparameters that can be read back from a MACE model."""
-    product = mace.products[0]
+    args = constructor_args(mace)
     return {
-        "r_max": float(mace.r_max),
-        "num_interactions": int(mace.num_interactions),
-        "num_radial_basis": int(mace.radial_embedding.out_dim),
-        "max_ell": int(o3.Irreps(mace.spherical_harmonics.irreps_out).lmax),
-        "hidden_irreps": str(o3.Irreps(product.linear.irreps_out)),
-        "correlation": int(product.symmetric_contractions.contractions[0].correlation),
-        "avg_num_neighbors": float(mace.interactions[0].avg_num_neighbors),
-        "pair_repulsion": hasattr(mace, "pair_repulsion_fn"),
+        "r_max": args["r_max"],
+        "num_interactions": args["num_interactions"],
+        "num_radial_basis": args["num_bessel"],
+        "max_ell": args["max_ell"],
+        "hidden_irreps": str(args["hidden_irreps"]),
+        "correlation": args["correlation"][0],
+        "avg_num_neighbors": args["avg_num_neighbors"],
+        "pair_repulsion": args["pair_repulsion"],
     }
 
 

@@ -9,7 +9,7 @@ from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata
 from metatrain.utils.dtype import dtype_to_str
 from metatrain.utils.metadata import merge_metadata
 
-from metatrain_mace import checkpoints, cueq, finetuning, lora
+from metatrain_mace import checkpoints, cueq, finetuning, lora, provenance
 from metatrain_mace._version import __version__
 from metatrain_mace.checkpoint_files import save_model_atomically
 from metatrain_mace.naming import ARCHITECTURE_NAME
@@ -66,22 +66,8 @@ class CheckpointsAndExport:
 
         model_data = checkpoint["model_data"]
         hypers = model_data["model_hypers"]
-        # the weights are e3nn's: load them into an e3nn model, then move it
-        model = cls(
-            {**hypers, "enable_cueq": False},
-            model_data["dataset_info"],
-            mace=model_data.get("mace_trunk"),
-        )
-        # readout heads and LoRA adapters are modules of their own: insert them
-        # before the weights (in the order fine-tuning added them)
-        finetuning.restore_readout_heads(model, checkpoint.get("finetune_config"))
-        lora.restore_adapters(model, checkpoint.get("finetune_config") or {})
-        dtype = state_dict["avg_num_neighbors"].dtype
-        model.to(dtype).load_state_dict(state_dict)
-        if float(model.avg_num_neighbors) > 0:
-            model.set_avg_num_neighbors(float(model.avg_num_neighbors))
-        model.additive_models[0].sync_tensor_maps()
-        model.scaler.sync_tensor_maps()
+        model = cls.with_architecture(model_data, checkpoint.get("finetune_config"))
+        model.set_weights(state_dict)
         model.loaded_for_restart = context == "restart"
         if hypers.get("enable_cueq") and context != "export":
             if context == "finetune" and not cueq.cueq_available():
@@ -94,6 +80,33 @@ class CheckpointsAndExport:
         model.finetune_config = checkpoint.get("finetune_config", {})
         model.metadata = merge_metadata(model.metadata, checkpoint.get("metadata"))
         return model
+
+    @classmethod
+    def with_architecture(
+        cls, model_data: Dict[str, Any], finetune_config: Optional[Dict[str, Any]]
+    ) -> "MetaMACE":
+        """An e3nn model of the architecture recorded in a checkpoint's
+        ``model_data`` and ``finetune_config``, with fresh weights."""
+        hypers = model_data["model_hypers"]
+        model = cls(
+            {**hypers, "enable_cueq": False},
+            model_data["dataset_info"],
+            mace=model_data.get("mace_trunk"),
+        )
+        # readout heads and LoRA adapters are modules of their own: insert them
+        # before the weights (in the order fine-tuning added them)
+        finetuning.restore_readout_heads(model, finetune_config)
+        lora.restore_adapters(model, finetune_config or {})
+        return model
+
+    def set_weights(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Load e3nn weights (of a checkpoint or an exported model), in their dtype."""
+        dtype = state_dict["avg_num_neighbors"].dtype
+        self.to(dtype).load_state_dict(state_dict)
+        if float(self.avg_num_neighbors) > 0:
+            self.set_avg_num_neighbors(float(self.avg_num_neighbors))
+        self.additive_models[0].sync_tensor_maps()
+        self.scaler.sync_tensor_maps()
 
     @classmethod
     def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
@@ -138,8 +151,11 @@ class CheckpointsAndExport:
         )
         # metatomic freezes the parameters of what it wraps: give it a copy sharing
         # the weights, so that this model can still be trained afterwards
+        module = tree_copy(self).eval()
+        # what tools that look inside the model need to rebuild it in Python
+        setattr(module, provenance.ATTRIBUTE, provenance.record(self))
         exported = AtomisticModel(
-            tree_copy(self).eval(),
+            module,
             merge_metadata(self.metadata, metadata),
             capabilities,
         )

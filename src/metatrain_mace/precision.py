@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from metatrain_mace.batching import systems_for_model, systems_to_graph
+
 
 DTYPES = {
     "float64": torch.float64,
@@ -46,7 +48,8 @@ class Row:
 
 
 Tensors = Dict[str, torch.Tensor]
-Stage = Callable[[torch.nn.Module, Tensors], Tuple[torch.Tensor, ...]]
+Outputs = Dict[str, Optional[torch.Tensor]]
+Stage = Callable[[torch.nn.Module, Tensors], Outputs]
 
 
 def _errors(
@@ -65,34 +68,40 @@ def _errors(
     return absolute, (absolute / scale if scale > 0 else 0.0)
 
 
-def _stages(
-    mace: torch.nn.Module, constants: Tensors
-) -> List[Tuple[str, List[str], Stage]]:
-    """The blocks of the trunk in order: name, names of their float inputs, and
-    how to run them. Outputs are stored under ``<block>/<i>``."""
-    node_attrs = constants["node_attrs"]
-    edge_index = constants["edge_index"]
-    head_index = int(constants["head_index"])
+def _stages(model: torch.nn.Module, graph: Dict) -> List[Tuple[str, List[str], Stage]]:
+    """The blocks of the trunk in the order the model runs them: name, names of
+    their float inputs, and how to run them on a model (``model.mace`` is the
+    trunk). Each returns its outputs by name; these are the inputs of the blocks
+    after it (``None`` for an output the block does not make)."""
+    node_attrs = graph["node_attrs"]
+    edge_index = graph["edge_index"]
+    head_index = model.head_index
 
-    def embedding(m: torch.nn.Module, x: Tensors) -> Tuple[torch.Tensor, ...]:
+    def embedding(m: torch.nn.Module, x: Tensors) -> Outputs:
         vectors = x["vectors"]
+        dtype = vectors.dtype
         lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
-        attrs = node_attrs.to(vectors.dtype)
-        node_feats = m.node_embedding(attrs)
-        edge_attrs = m.spherical_harmonics(vectors)
-        edge_feats, cutoff = m.radial_embedding(
-            lengths, attrs, edge_index, m.atomic_numbers
+        attrs = node_attrs.to(dtype)
+        node_feats = m.mace.node_embedding(attrs)
+        if hasattr(m, "conditioning"):
+            # total charge and spin, embedded by the model's own weights
+            node_feats = node_feats + m.conditioning(
+                graph["systems"], graph["system_index"], dtype
+            )
+        edge_feats, cutoff = m.mace.radial_embedding(
+            lengths, attrs, edge_index, m.mace.atomic_numbers
         )
-        result = (node_feats, edge_attrs, edge_feats)
-        return result + ((cutoff,) if cutoff is not None else ())
-
-    stages: List[Tuple[str, List[str], Stage]] = [("embedding", ["vectors"], embedding)]
+        return {
+            "node_feats": node_feats,
+            "edge_attrs": m.mace.spherical_harmonics(vectors),
+            "edge_feats": edge_feats,
+            "cutoff": cutoff,
+        }
 
     def interaction(i: int) -> Stage:
-        def run(m: torch.nn.Module, x: Tensors) -> Tuple[torch.Tensor, ...]:
-            dtype = x["node_feats"].dtype
-            message, sc = m.interactions[i](
-                node_attrs=node_attrs.to(dtype),
+        def run(m: torch.nn.Module, x: Tensors) -> Outputs:
+            message, sc = m.mace.interactions[i](
+                node_attrs=node_attrs.to(x["node_feats"].dtype),
                 node_feats=x["node_feats"],
                 edge_attrs=x["edge_attrs"],
                 edge_feats=x["edge_feats"],
@@ -100,29 +109,33 @@ def _stages(
                 cutoff=x.get("cutoff"),
                 first_layer=(i == 0),
             )
-            return (message,) if sc is None else (message, sc)
+            return {"message": message, "sc": sc}
 
         return run
 
     def product(i: int) -> Stage:
-        def run(m: torch.nn.Module, x: Tensors) -> Tuple[torch.Tensor, ...]:
-            dtype = x["message"].dtype
-            out = m.products[i](
-                node_feats=x["message"], sc=x.get("sc"), node_attrs=node_attrs.to(dtype)
+        def run(m: torch.nn.Module, x: Tensors) -> Outputs:
+            out = m.mace.products[i](
+                node_feats=x["message"],
+                sc=x.get("sc"),
+                node_attrs=node_attrs.to(x["message"].dtype),
             )
-            return (out,)
+            return {"node_feats": out}
 
         return run
 
-    def readout(i: int, layer: int) -> Stage:
-        def run(m: torch.nn.Module, x: Tensors) -> Tuple[torch.Tensor, ...]:
-            feats = x[f"features.{layer}"]
+    def readout(i: int) -> Stage:
+        def run(m: torch.nn.Module, x: Tensors) -> Outputs:
+            feats = x["node_feats"]
             heads = torch.full((feats.shape[0],), head_index, dtype=torch.int64)
-            return (m.readouts[i](feats, heads),)
+            return {f"readout.{i}": m.mace.readouts[i](feats, heads)}
 
         return run
 
-    for i in range(len(mace.interactions)):
+    stages: List[Tuple[str, List[str], Stage]] = [("embedding", ["vectors"], embedding)]
+    n_layers = len(model.mace.interactions)
+    n_readouts = len(model.mace.readouts)
+    for i in range(n_layers):
         stages.append(
             (
                 f"interaction.{i}",
@@ -131,53 +144,39 @@ def _stages(
             )
         )
         stages.append((f"product.{i}", ["message", "sc"], product(i)))
-    n_layers = len(mace.interactions)
-    for i in range(len(mace.readouts)):
-        layer = n_layers - 1 if len(mace.readouts) == 1 else i
-        stages.append((f"readout.{i}", [f"features.{layer}"], readout(i, layer)))
+        # one readout per layer, or one after the last layer only
+        k = i if n_readouts == n_layers else i - (n_layers - n_readouts)
+        if k >= 0:
+            stages.append((f"readout.{k}", ["node_feats"], readout(k)))
     return stages
 
 
 def _reference_inputs(
-    mace: torch.nn.Module, stages, vectors: torch.Tensor
+    model: torch.nn.Module, stages, vectors: torch.Tensor
 ) -> List[Tensors]:
     """The float64 inputs of every stage, from one float64 pass."""
-    state: Tensors = {"vectors": vectors}
+    state: Outputs = {"vectors": vectors}
     inputs: List[Tensors] = []
     with torch.no_grad():
-        for name, names, run in stages:
-            inputs.append({k: state[k] for k in names if k in state})
-            out = run(mace, inputs[-1])
-            if name == "embedding":
-                state.update(
-                    zip(
-                        ["node_feats", "edge_attrs", "edge_feats", "cutoff"],
-                        out,
-                        strict=False,
-                    )
-                )
-            elif name.startswith("interaction"):
-                state["message"] = out[0]
-                state.pop("sc", None)
-                if len(out) > 1:
-                    state["sc"] = out[1]
-            elif name.startswith("product"):
-                state["node_feats"] = out[0]
-                state[f"features.{name.split('.')[1]}"] = out[0]
+        for _, names, run in stages:
+            inputs.append(
+                {k: state[k] for k in names if state.get(k) is not None}  # type: ignore
+            )
+            state.update(run(model, inputs[-1]))
     return inputs
 
 
 def _run_block(
-    mace: torch.nn.Module,
+    model: torch.nn.Module,
     run: Stage,
     inputs: Tensors,
     dtype: torch.dtype,
     cotangents: Optional[List[torch.Tensor]],
-) -> Tuple[Tuple[torch.Tensor, ...], List[torch.Tensor], List[torch.Tensor]]:
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
     """Outputs of a block, the cotangents used and the gradients of
     ``sum(cotangent * output)`` with respect to the block's inputs."""
     leaves = {k: v.detach().to(dtype).requires_grad_(True) for k, v in inputs.items()}
-    outputs = run(mace, leaves)
+    outputs = [out for out in run(model, leaves).values() if out is not None]
     if cotangents is None:
         generator = torch.Generator().manual_seed(7)
         cotangents = [
@@ -196,13 +195,13 @@ def _run_block(
 def block_errors(
     master: torch.nn.Module,
     low: torch.nn.Module,
-    constants: Tensors,
-    vectors: torch.Tensor,
+    graph: Dict,
     dtype: torch.dtype,
 ) -> List[Tuple[str, str, float, float]]:
-    """Per block: (block, "forward"/"backward", max abs error, max rel error)."""
-    stages = _stages(master, constants)
-    references = _reference_inputs(master, stages, vectors)
+    """Per block of the trunk: (block, "forward"/"backward", max abs error, max
+    rel error) of ``low`` (the model in ``dtype``) against ``master`` (float64)."""
+    stages = _stages(master, graph)
+    references = _reference_inputs(master, stages, graph["vectors"])
     rows: List[Tuple[str, str, float, float]] = []
     for (name, _, run), inputs in zip(stages, references, strict=True):
         ref_out, cot, ref_grad = _run_block(master, run, inputs, torch.float64, None)
@@ -212,34 +211,20 @@ def block_errors(
     return rows
 
 
-def _graph(model: torch.nn.Module, systems: list) -> Tuple[Tensors, torch.Tensor]:
-    from metatrain_mace.batching import systems_to_graph
-
-    types, _, _, edge_index, vectors = systems_to_graph(systems, model.nl_options)
+def _graph(model: torch.nn.Module, systems: list) -> Dict:
+    """The graph of ``systems`` (float64) as the stages need it."""
+    types, system_index, _, edge_index, vectors = systems_to_graph(
+        systems, model.nl_options
+    )
     species = model._check_types(types)
-    node_attrs = torch.nn.functional.one_hot(species, len(model.atomic_types))
-    # e3nn's (y, z, x) order, as in MetaMACE.forward
-    vectors = vectors[:, [1, 2, 0]].to(torch.float64)
-    constants = {
-        "node_attrs": node_attrs,
+    return {
+        "node_attrs": torch.nn.functional.one_hot(species, len(model.atomic_types)),
         "edge_index": edge_index,
-        "head_index": torch.tensor(model.head_index),
+        # e3nn's (y, z, x) order, as in MetaMACE.forward
+        "vectors": vectors[:, [1, 2, 0]].to(torch.float64),
+        "systems": systems,
+        "system_index": system_index,
     }
-    return constants, vectors
-
-
-def _systems(model: torch.nn.Module, frames: list, dtype: torch.dtype) -> list:
-    from metatomic.torch import systems_to_torch
-    from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
-
-    # neighbour lists from float64 positions (metatrain computes them in numpy,
-    # which has no bfloat16), then the systems are cast
-    return [
-        get_system_with_neighbor_lists(s, model.requested_neighbor_lists()).to(
-            dtype=dtype
-        )
-        for s in systems_to_torch(frames, dtype=torch.float64)
-    ]
 
 
 def _end_to_end(model: torch.nn.Module, frames: list, dtype: torch.dtype) -> Dict:
@@ -251,7 +236,7 @@ def _end_to_end(model: torch.nn.Module, frames: list, dtype: torch.dtype) -> Dic
     info = get_energy_target_info(
         target, {"unit": "eV"}, add_position_gradients=True, add_strain_gradients=True
     )
-    systems = _systems(model, frames, dtype)
+    systems = systems_for_model(model, frames, dtype)
     block = evaluate_model(model, systems, {target: info}, is_training=False)[
         target
     ].block()
@@ -288,10 +273,7 @@ def precision_report(
         raise ValueError(f"unknown dtypes {unknown}: choose among {list(DTYPES)}")
     master_model = copy.deepcopy(model).to(torch.float64).eval()
     master_model.set_backend(backend == "cueq")
-    master = master_model.mace
-    constants, vectors = _graph(
-        master_model, _systems(master_model, frames, torch.float64)
-    )
+    graph = _graph(master_model, systems_for_model(master_model, frames, torch.float64))
     # models without an energy (a dipole model, say) get block rows only
     with_energy = master_model.mace_head_target in master_model.target_names
     reference = _end_to_end(master_model, frames, torch.float64) if with_energy else {}
@@ -301,7 +283,7 @@ def precision_report(
         logging.info(f"precision report: {name} on {backend}")
         low_model = copy.deepcopy(master_model).to(dtype)
         try:
-            found = block_errors(master, low_model.mace, constants, vectors, dtype)
+            found = block_errors(master_model, low_model, graph, dtype)
         except (RuntimeError, NotImplementedError, TypeError) as err:
             rows.append(_skipped(name, backend, "blocks", err))
         else:
@@ -384,18 +366,23 @@ def plot_report(rows: Sequence[Row], path: str) -> Path:
 
 
 def load_for_report(path: str, head: Optional[str] = None) -> torch.nn.Module:
-    """A checkpoint (``.ckpt``) or a MACE model file, as a float64 model."""
+    """A checkpoint (``.ckpt``), an exported model (``.pt``, written by this
+    package) or a MACE model file, as a model in its own dtype.
+
+    An exported model is rebuilt in Python from the record its export stored
+    (:mod:`metatrain_mace.provenance`), with the exported weights."""
+    from metatrain_mace.provenance import is_exported, rebuild
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"model {path!r} does not exist")
-    with file.open("rb") as fd:
-        magic = fd.read(4)
-    if magic[:2] == b"PK" and _is_torchscript(file):
-        raise ValueError(
-            f"{path!r} is an exported (TorchScript) model: its blocks cannot be run "
-            "one by one. Give the checkpoint (.ckpt) or the MACE model file it was "
-            "exported from."
-        )
+    if is_exported(file):
+        if head is not None:
+            raise ValueError(
+                "--head selects a head of a MACE model file; an exported model "
+                "already has its head"
+            )
+        return rebuild(str(file))
     if file.suffix == ".ckpt":
         from metatrain.utils.io import load_model
 
@@ -403,13 +390,6 @@ def load_for_report(path: str, head: Optional[str] = None) -> torch.nn.Module:
     from metatrain_mace.export import mace_file_to_model
 
     return mace_file_to_model(str(file), head=head, dtype="float64")
-
-
-def _is_torchscript(file: Path) -> bool:
-    import zipfile
-
-    with zipfile.ZipFile(file) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
 __all__ = [
