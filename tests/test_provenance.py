@@ -186,3 +186,34 @@ def test_exports_without_a_record_are_refused(tmp_path) -> None:
     with zipfile.ZipFile(tmp_path / "plain.zip", "w") as archive:
         archive.writestr("a.txt", "a")
     assert not provenance.is_exported(tmp_path / "plain.zip")
+
+
+def test_records_name_only_mace_classes_and_known_gates(tmp_path) -> None:
+    file = save_mace_model(tmp_path / "file.model")
+    plain = mace_args.record(mace_file_to_model(str(file)).mace)
+    assert json.loads(json.dumps(plain)) == plain
+    assert plain["gate"] == "silu"
+    rebuilt = mace_args.rebuild(plain)
+    assert mace_args.record(rebuilt) == plain
+    for key, value, message in [
+        ("class", "os:system", "not a class of mace-torch"),
+        ("readout_cls", "subprocess:Popen", "not a class of mace-torch"),
+        ("class", "mace.tools.cg:U_matrix_real", "not a torch module class"),
+        ("gate", "save", "unknown readout gate 'save'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            mace_args.rebuild({**plain, key: value})
+
+
+def test_a_trunk_that_cannot_be_recorded_still_exports(tmp_path, monkeypatch) -> None:
+    file = save_mace_model(tmp_path / "file.model")
+
+    def refuse(mace):
+        raise ValueError("cannot record the readout gate <softsign> by name")
+
+    monkeypatch.setattr(mace_args, "record", refuse)
+    path = tmp_path / "model.pt"
+    export_mace_model(str(file), str(path))
+    assert provenance.read(str(path))["mace_trunk"] is None
+    with pytest.raises(ValueError, match="could not be recorded at export.*softsign"):
+        provenance.rebuild(str(path))

@@ -188,7 +188,13 @@ def _gate_name(gate: Any) -> Optional[str]:
     return name
 
 
+#: the readout gates a record may name (element-wise activations of torch)
+GATES = ("silu", "tanh", "abs", "relu", "gelu", "sigmoid", "softplus", "elu", "mish")
+
+
 def _gate_function(name: str) -> Any:
+    if name not in GATES:
+        raise ValueError(f"unknown readout gate {name!r}: expected one of {GATES}")
     found = getattr(torch.nn.functional, name, None)
     return found if found is not None else getattr(torch, name)
 

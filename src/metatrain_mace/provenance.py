@@ -12,6 +12,7 @@ it imports only mace-torch's classes, by name.
 
 import base64
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict
 
@@ -70,6 +71,14 @@ def _target_info(plain: Dict[str, str]) -> TargetInfo:
 def record(model: "MetaMACE") -> str:
     """The record of an e3nn ``model``, as a JSON string."""
     info = model.dataset_info
+    trunk, error = None, None
+    if model.from_file:
+        try:
+            trunk = mace_args.record(model.mace)
+        except ValueError as err:
+            # the export itself must not fail for it: only the rebuild will
+            error = str(err)
+            logging.info(f"the exported model cannot be rebuilt in Python: {error}")
     return json.dumps(
         {
             "format": FORMAT,
@@ -81,7 +90,8 @@ def record(model: "MetaMACE") -> str:
                 "targets": {k: _target(v) for k, v in info.targets.items()},
                 "extra_data": {k: _target(v) for k, v in info.extra_data.items()},
             },
-            "mace_trunk": mace_args.record(model.mace) if model.from_file else None,
+            "mace_trunk": trunk,
+            "mace_trunk_error": error,
             "finetune_config": _plain(model.finetune_config),
         }
     )
@@ -120,6 +130,12 @@ def rebuild(path: str) -> "MetaMACE":
         targets={k: _target_info(v) for k, v in info["targets"].items()},
         extra_data={k: _target_info(v) for k, v in info["extra_data"].items()},
     )
+    if plain.get("mace_trunk_error"):
+        raise ValueError(
+            f"the MACE trunk of {str(path)!r} could not be recorded at export "
+            f"({plain['mace_trunk_error']}): give the checkpoint (.ckpt) or the MACE "
+            "model file it was exported from"
+        )
     trunk = None
     if plain["mace_trunk"] is not None:
         trunk = mace_args.rebuild(plain["mace_trunk"])
