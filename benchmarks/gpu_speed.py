@@ -63,8 +63,8 @@ def main(argv: List[str]) -> None:
     from mace.calculators import MACECalculator
     from metatrain.utils.data.target_info import get_energy_target_info
 
-    from metatrain_mace.batching import systems_for_model
-    from metatrain_mace.export import mace_file_to_model
+    from metatrain_mace.tools.export import mace_file_to_model
+    from metatrain_mace.trunk.graph import systems_for_model
 
     device = args.device
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ The same finder teaches metatrain which process is the main one under ``torchrun
 (see :func:`is_main_process`), so that distributed runs started that way log, write
 checkpoints and export once, checks ``--restart`` files of ``experimental.mace``
 runs before metatrain unpickles them, and refuses checkpoints of metatrain's own
-``experimental.mace`` clearly (:mod:`metatrain_mace.intree`).
+``experimental.mace`` clearly (:mod:`metatrain_mace.checkpoints`).
 
 It must stay cheap: it imports nothing but the standard library, and the aliased
 package is only imported when someone asks for it. Set ``METATRAIN_MACE_DISABLE=1``
@@ -89,7 +89,7 @@ def train_model_checking_restart(original: Callable[..., Any]) -> Callable[..., 
     metatrain unpickles the restart file before any code of this package runs, so
     a truncated file or a checkpoint of another kind ends in a bare unpickling
     error or a ``KeyError``. For ``experimental.mace`` runs the file is checked
-    first (``metatrain_mace.checkpoint_files.check_restart_file``), and the error
+    first (``metatrain_mace.checkpoints.check_restart_file``), and the error
     names the file and the newest intact checkpoint beside it.
     """
 
@@ -101,7 +101,7 @@ def train_model_checking_restart(original: Callable[..., Any]) -> Callable[..., 
         except (KeyError, TypeError):
             name = None
         if restart_from is not None and name == ALIAS[len("metatrain.") :]:
-            from metatrain_mace.checkpoint_files import check_restart_file
+            from metatrain_mace.checkpoints import check_restart_file
 
             check_restart_file(restart_from)
         return original(*args, **kwargs)
@@ -116,11 +116,11 @@ def model_from_checkpoint_refusing_intree(
 ) -> Callable[..., Any]:
     """metatrain's ``model_from_checkpoint``, refusing checkpoints of metatrain's
     in-tree ``experimental.mace`` with the cause and ``METATRAIN_MACE_DISABLE=1``
-    (:mod:`metatrain_mace.intree`) instead of a wrong version message."""
+    (:mod:`metatrain_mace.checkpoints`) instead of a wrong version message."""
 
     def model_from_checkpoint(checkpoint: Any, *args: Any, **kwargs: Any) -> Any:
         if not is_disabled():
-            from metatrain_mace.intree import refuse_intree_checkpoint
+            from metatrain_mace.checkpoints import refuse_intree_checkpoint
 
             refuse_intree_checkpoint(checkpoint)
         return original(checkpoint, *args, **kwargs)

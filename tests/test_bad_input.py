@@ -243,7 +243,7 @@ def test_model_without_energy_needs_no_head_target() -> None:
     from metatrain.utils.data import DatasetInfo
     from metatrain.utils.data.target_info import get_generic_target_info
 
-    from metatrain_mace.targets import check_head_target
+    from metatrain_mace.heads.targets import check_head_target
 
     info = get_generic_target_info(
         "mtt::q",

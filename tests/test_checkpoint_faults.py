@@ -15,7 +15,7 @@ import yaml
 from metatrain.cli.train import train_model
 from omegaconf import OmegaConf
 
-from metatrain_mace.checkpoint_files import atomic_save, check_restart_file
+from metatrain_mace.checkpoints import atomic_save, check_restart_file
 from test_bad_input import options
 
 

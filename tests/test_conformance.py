@@ -36,7 +36,7 @@ SMALL_HYPERS = {
 
 # ordinary hypers, as a new user writes them: the node features carry 0e + 1o + 2e
 # only; every other irrep of the spherical tests (0o, 1e, 2o, 3e, 3o, rank-2
-# products) is reached by the heads' tensor products (metatrain_mace.products)
+# products) is reached by the heads' tensor products (metatrain_mace.heads.products)
 SPHERICAL_HYPERS = {
     **SMALL_HYPERS,
     "max_ell": 2,

@@ -21,7 +21,8 @@ from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
 from datasets import mixed_structures
 from mace_files import CHARGE_SPIN_SPECS, ELEMENTS, save_mace_model
-from metatrain_mace import MetaMACE, cueq
+from metatrain_mace import MetaMACE
+from metatrain_mace.trunk import backend, cueq
 from symmetry import all_kinds_dataset_info, structures
 
 
@@ -67,7 +68,7 @@ def _relative_errors(mine: Dict, reference: Dict) -> Dict[str, float]:
 def _on_cueq(model: MetaMACE) -> MetaMACE:
     twin = copy.deepcopy(model)
     twin.set_backend(True)
-    assert twin.uses_cueq and cueq.is_cueq(twin.mace)
+    assert twin.uses_cueq and backend.is_cueq(twin.mace)
     return twin
 
 
@@ -195,7 +196,7 @@ def test_file_model_agrees_with_e3nn(kind, tmp_path) -> None:
 
 
 def test_without_the_extra_enable_cueq_is_refused(monkeypatch) -> None:
-    monkeypatch.setattr(cueq, "cueq_available", lambda: False)
+    monkeypatch.setattr(backend, "cueq_available", lambda: False)
     hypers = {**get_default_hypers("experimental.mace")["model"], **ORDINARY}
     with pytest.raises(ImportError, match=r"pip install 'metatrain-mace\[cueq\]'"):
         MetaMACE({**hypers, "enable_cueq": True}, all_kinds_dataset_info())
@@ -315,7 +316,7 @@ def test_mtt_train_export_and_checkpoints_across_backends(tmp_path, caplog) -> N
 
 
 def _lora_is_refused(twin: MetaMACE) -> None:
-    from metatrain_mace.finetuning import apply_finetuning
+    from metatrain_mace.finetune.strategies import apply_finetuning
 
     with pytest.raises(ValueError, match="LoRA fine-tuning runs on e3nn only"):
         apply_finetuning(twin, {"method": "lora", "config": {"rank": 2, "alpha": 1.0}})
@@ -324,7 +325,7 @@ def _lora_is_refused(twin: MetaMACE) -> None:
 def test_readout_heads_follow_the_trunk(tmp_path) -> None:
     """A readout head (a copy of MACE's readouts, replay fine-tuning) moves to
     cuEquivariance with the trunk, and back with its own weights."""
-    from metatrain_mace.finetuning import apply_finetuning
+    from metatrain_mace.finetune.strategies import apply_finetuning
     from test_replay_finetuning import two_energies
 
     path = save_mace_model(tmp_path / "file.model", atomic_numbers=[29, 79])

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from datasets import ALLOY_TARGETS
 from metatrain_mace import MetaMACE
-from metatrain_mace.dataloading import (
+from metatrain_mace.train.loading import (
     JoinBatch,
     PreparedDataset,
     is_in_memory,

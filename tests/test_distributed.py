@@ -21,7 +21,7 @@ from metatomic_ase import MetatomicCalculator
 
 import metatrain_mace_hook
 from datasets import ALLOY_TARGETS
-from metatrain_mace import distributed
+from metatrain_mace.train import distributed
 
 
 HERE = Path(__file__).parent

@@ -178,7 +178,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ase.io.write(folder / "tiny.xyz", frames[:2], format="extxyz")
     ase.io.write(folder / "replay.xyz", frames[8:], format="extxyz")
     save_mace_model(folder / "MACE-foundation.model", atomic_numbers=[29, 79])
-    from metatrain_mace.export import export_mace_model
+    from metatrain_mace.tools.export import export_mace_model
 
     export_mace_model(str(folder / "MACE-foundation.model"), str(folder / "model.pt"))
     shutil.copytree(

@@ -25,8 +25,9 @@ from scipy.spatial.transform import Rotation
 
 from datasets import ALLOY_TARGETS
 from mace_files import save_mace_model
-from metatrain_mace import MetaMACE, Trainer, lora
-from metatrain_mace.finetuning import apply_finetuning
+from metatrain_mace import MetaMACE, Trainer
+from metatrain_mace.finetune import lora
+from metatrain_mace.finetune.strategies import apply_finetuning
 from metatrain_mace.mace_import import o3
 from test_end_to_end import mtt, options, train_log, write_options
 

@@ -23,9 +23,9 @@ from omegaconf import OmegaConf
 from datasets import mixed_structures
 from mace_files import build_mace_model, save_mace_model
 from metatrain_mace import export_mace_model
-from metatrain_mace.export import mace_file_to_model
-from metatrain_mace.foundation import energy_baseline
 from metatrain_mace.model import MetaMACE
+from metatrain_mace.tools.export import mace_file_to_model
+from metatrain_mace.trunk.foundation import energy_baseline
 
 
 structures = mixed_structures

@@ -13,7 +13,8 @@ import pytest
 from mace.calculators import foundations_models
 
 from mace_files import CHARGE_SPIN_SPECS, save_mace_model
-from metatrain_mace import export_mace_model, foundation_names
+from metatrain_mace import export_mace_model
+from metatrain_mace.trunk import foundation_names
 from test_charge_spin import assert_parity
 from test_foundation import assert_agree, energy_dataset_info, model_hypers
 

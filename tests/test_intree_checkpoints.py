@@ -14,7 +14,7 @@ import torch
 from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_mace.mace_import  # noqa: F401 (e3nn's pickles)
-from metatrain_mace.intree import is_intree_checkpoint
+from metatrain_mace.checkpoints import is_intree_checkpoint
 
 
 # metatrain's wheel ships the test checkpoints of its in-tree experimental.mace

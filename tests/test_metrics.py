@@ -19,8 +19,8 @@ from metatrain.utils.scaler import get_remove_scale_transform
 from omegaconf import OmegaConf
 
 from metatrain_mace import MetaMACE
-from metatrain_mace.dataloading import JoinBatch, PreparedDataset, unpack
-from metatrain_mace.metrics import TargetUnitMetrics, uniform_scale
+from metatrain_mace.train.loading import JoinBatch, PreparedDataset, unpack
+from metatrain_mace.train.metrics import TargetUnitMetrics, uniform_scale
 from multitarget import write_dataset
 
 

@@ -10,7 +10,7 @@ from metatrain.utils.data.target_info import (
 )
 
 from metatrain_mace import MetaMACE
-from metatrain_mace.optimization import (
+from metatrain_mace.train.optimizer import (
     block_of,
     build_optimizer,
     build_scheduler,
@@ -285,7 +285,7 @@ def test_frozen_layers_with_lora(alloy4, tmp_path, monkeypatch) -> None:
     after = model.state_dict()
     adapters = [n for n in after if ".lora_" in n]
     assert any(n.startswith("mace.interactions.1.") for n in adapters)
-    from metatrain_mace import lora
+    from metatrain_mace.finetune import lora
 
     # LoRA's up-projections start at zero: the trainable ones moved, those of the
     # frozen first layer did not

@@ -19,10 +19,9 @@ from metatrain.utils.data.target_info import get_energy_target_info
 from datasets import mixed_structures
 from mace_files import CHARGE_SPIN_SPECS, save_mace_model
 from metatrain_mace import MetaMACE
-from metatrain_mace.batching import systems_for_model
-from metatrain_mace.cli import main
-from metatrain_mace.export import mace_file_to_model
-from metatrain_mace.precision import (
+from metatrain_mace.tools.cli import main
+from metatrain_mace.tools.export import mace_file_to_model
+from metatrain_mace.tools.precision import (
     _end_to_end,
     _graph,
     _reference_inputs,
@@ -30,6 +29,7 @@ from metatrain_mace.precision import (
     load_for_report,
     precision_report,
 )
+from metatrain_mace.trunk.graph import systems_for_model
 from symmetry import structures
 
 
@@ -309,7 +309,7 @@ def test_a_dtype_that_cannot_run_is_reported_as_skipped(small_model, tmp_path) -
     assert all(r.status == "ok" for r in rows if r.dtype == "float32")
     assert len([r for r in rows if r.dtype == "float32"]) == 2 * len(BLOCKS) + 3
     # the CSV keeps the reason, the plot leaves the dtype out
-    from metatrain_mace.precision import plot_report, write_csv
+    from metatrain_mace.tools.precision import plot_report, write_csv
 
     with write_csv(rows, tmp_path / "report.csv").open() as fd:
         written = [r for r in csv.DictReader(fd) if r["dtype"] == "float16"]

@@ -17,9 +17,11 @@ from metatrain.utils.data.target_info import get_energy_target_info
 
 from datasets import mixed_structures
 from mace_files import CHARGE_SPIN_SPECS, ELEMENTS, save_mace_model
-from metatrain_mace import MetaMACE, export_mace_model, mace_args, provenance
-from metatrain_mace.export import mace_file_to_model
-from metatrain_mace.finetuning import apply_finetuning
+from metatrain_mace import MetaMACE, export_mace_model
+from metatrain_mace.finetune.strategies import apply_finetuning
+from metatrain_mace.tools import provenance
+from metatrain_mace.tools.export import mace_file_to_model
+from metatrain_mace.trunk import mace_args
 from symmetry import all_kinds_dataset_info, structures
 from test_cueq import ORDINARY, _predict
 

@@ -12,7 +12,7 @@ import torch
 from metatrain.cli.train import train_model
 from omegaconf import OmegaConf
 
-from metatrain_mace.recipe import WeightAverage, stage_two_loss
+from metatrain_mace.train.recipe import WeightAverage, stage_two_loss
 from test_bad_input import options
 
 
@@ -149,7 +149,7 @@ def check_parity_plot(
     from metatrain.cli.eval import eval_model
     from PIL import Image
 
-    from metatrain_mace.cli import main
+    from metatrain_mace.tools.cli import main
 
     references = data.parent / "eval.yaml"
     references.write_text(
@@ -221,8 +221,8 @@ validation loss,validation energy RMSE (per atom)
 def test_plot_training_curves(tmp_path: Path) -> None:
     from PIL import Image
 
-    from metatrain_mace.cli import main
-    from metatrain_mace.plotting import plot_training
+    from metatrain_mace.tools.cli import main
+    from metatrain_mace.tools.plotting import plot_training
 
     (tmp_path / "train.csv").write_text(TRAIN_CSV)
     (tmp_path / "train.log").write_text(

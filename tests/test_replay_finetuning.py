@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from datasets import make_alloy
 from mace_files import save_mace_model
-from metatrain_mace.finetuning import READOUT_HEADS_KEY, apply_finetuning
+from metatrain_mace.finetune.strategies import READOUT_HEADS_KEY, apply_finetuning
 from metatrain_mace.model import MetaMACE
 from test_foundation import energy_dataset_info, model_hypers
 

@@ -8,7 +8,10 @@ import torch
 from torch import fx
 
 from mace_files import build_mace_model
-from metatrain_mace.slicing import split_column_slices, split_tensor_product_inputs
+from metatrain_mace.trunk.slicing import (
+    split_column_slices,
+    split_tensor_product_inputs,
+)
 
 
 def _column_slices(graph: fx.Graph) -> int:

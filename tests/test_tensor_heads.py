@@ -4,8 +4,9 @@ targets, with ordinary hypers (``8x0e + 8x1o + 8x2e``, ``max_ell: 2``,
 
 The node features then carry ``0e + 1o + 2e`` only; pseudotensors (``0o``, ``1e``,
 ``2o``, ``3e``) and ``l = 3`` targets are reached by tensor products of them
-(:mod:`metatrain_mace.products`), rank-2 targets are coupled from their irreducible
-parts (:mod:`metatrain_mace.coupling`). Checked on the exported (TorchScript) model:
+(:mod:`metatrain_mace.heads.products`), rank-2 targets are coupled from their
+irreducible parts (:mod:`metatrain_mace.heads.coupling`). Checked on the exported
+(TorchScript) model:
 rotations and the inversion transform every block as its irreps say, and the heads
 learn targets that really are pseudotensors and rank-2 tensors.
 """
@@ -24,8 +25,8 @@ from metatrain.utils.data import DatasetInfo
 from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
 from metatrain_mace import MetaMACE
+from metatrain_mace.heads.products import product_order
 from metatrain_mace.mace_import import o3
-from metatrain_mace.products import product_order
 from symmetry import (
     _generic,
     as_3d,
@@ -150,7 +151,7 @@ def exported(tmp_path_factory) -> Dict[torch.dtype, str]:
     torch.manual_seed(0)
     hypers = {**get_default_hypers("experimental.mace")["model"], **ORDINARY}
     model = MetaMACE(hypers, tensor_targets())
-    # product blocks start at zero (see metatrain_mace.products): random head
+    # product blocks start at zero (see metatrain_mace.heads.products): random head
     # weights make every block non-trivial
     with torch.no_grad():
         for parameter in model.heads.parameters():

@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
 
         return Trainer
     if name == "export_mace_model":
-        from metatrain_mace.export import export_mace_model
+        from metatrain_mace.tools.export import export_mace_model
 
         return export_mace_model
     if name == "__capabilities__":

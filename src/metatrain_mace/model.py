@@ -1,8 +1,9 @@
 """The ``experimental.mace`` model: MACE node features, MACE energy readout, heads.
 
-The class is assembled from mixins, one idea each: :mod:`metatrain_mace.trunk`
-(running MACE), :mod:`metatrain_mace.registration` (targets and their heads),
-:mod:`metatrain_mace.assembly` (TensorMaps, scaler and baseline) and
+The class is assembled from mixins, one idea each:
+:mod:`metatrain_mace.trunk.evaluation`
+(running MACE), :mod:`metatrain_mace.heads.registration` (targets and their heads),
+:mod:`metatrain_mace.heads.assembly` (TensorMaps, scaler and baseline) and
 :mod:`metatrain_mace.model_io` (checkpoints and export). This module holds the
 construction and the forward pass.
 """
@@ -19,25 +20,26 @@ from metatrain.utils.architectures import get_default_hypers
 from metatrain.utils.data import DatasetInfo
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
-from metatrain_mace import cueq, foundation
-from metatrain_mace.assembly import OutputAssembly
-from metatrain_mace.batching import systems_to_graph
-from metatrain_mace.builder import build_mace, node_feature_irreps
-from metatrain_mace.conditioning import SystemConditioning
+from metatrain_mace.checkpoints import ARCHITECTURE_NAME  # noqa: F401 (re-exported)
 from metatrain_mace.documentation import ModelHypers
-from metatrain_mace.features import SphericalFeatures
-from metatrain_mace.irreps_probe import produced_irreps
-from metatrain_mace.mace_import import o3
-from metatrain_mace.model_io import CheckpointsAndExport
-from metatrain_mace.naming import (  # noqa: F401 (re-exported)
-    ARCHITECTURE_NAME,
+from metatrain_mace.heads.assembly import OutputAssembly
+from metatrain_mace.heads.features import SphericalFeatures
+from metatrain_mace.heads.registration import TargetRegistration
+from metatrain_mace.heads.targets import (  # noqa: F401 (re-exported)
     MACE_FEATURES,
+    check_finite,
+    check_head_target,
     last_layer_features_name,
 )
-from metatrain_mace.registration import TargetRegistration
-from metatrain_mace.slicing import split_tensor_product_inputs
-from metatrain_mace.targets import check_finite, check_head_target
-from metatrain_mace.trunk import TrunkPass
+from metatrain_mace.mace_import import o3
+from metatrain_mace.model_io import CheckpointsAndExport
+from metatrain_mace.trunk import cueq, foundation
+from metatrain_mace.trunk.build import build_mace, node_feature_irreps
+from metatrain_mace.trunk.conditioning import SystemConditioning
+from metatrain_mace.trunk.evaluation import TrunkPass
+from metatrain_mace.trunk.graph import systems_to_graph
+from metatrain_mace.trunk.irreps import produced_irreps
+from metatrain_mace.trunk.slicing import split_tensor_product_inputs
 
 
 class MetaMACE(
@@ -193,7 +195,7 @@ class MetaMACE(
             MACE_FEATURES: ModelOutput(
                 sample_kind="atom",
                 description="equivariant MACE node features of all layers, one "
-                "block per irrep (see metatrain_mace.features)",
+                "block per irrep (see metatrain_mace.heads.features)",
             ),
         }
         self.heads = torch.nn.ModuleDict()
@@ -239,7 +241,7 @@ class MetaMACE(
 
     def requested_inputs(self) -> Dict[str, ModelOutput]:
         """Per-system inputs: ``charge`` and ``spin_multiplicity`` for a MACE
-        conditioned on them (see :mod:`metatrain_mace.conditioning`)."""
+        conditioned on them (see :mod:`metatrain_mace.trunk.conditioning`)."""
         if not hasattr(self, "conditioning"):
             return {}
         return {

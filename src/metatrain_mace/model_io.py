@@ -9,11 +9,14 @@ from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata
 from metatrain.utils.dtype import dtype_to_str
 from metatrain.utils.metadata import merge_metadata
 
-from metatrain_mace import checkpoints, cueq, finetuning, lora, provenance
+from metatrain_mace import checkpoints
 from metatrain_mace._version import __version__
-from metatrain_mace.checkpoint_files import save_model_atomically
-from metatrain_mace.naming import ARCHITECTURE_NAME
-from metatrain_mace.scripting import compiled_copy, tree_copy
+from metatrain_mace.checkpoints import ARCHITECTURE_NAME, save_model_atomically
+from metatrain_mace.finetune import lora
+from metatrain_mace.finetune import strategies as finetuning  # RENAME
+from metatrain_mace.tools import provenance
+from metatrain_mace.trunk import backend
+from metatrain_mace.trunk.scripting import compiled_copy, tree_copy
 
 
 if TYPE_CHECKING:
@@ -70,7 +73,7 @@ class CheckpointsAndExport:
         model.set_weights(state_dict)
         model.loaded_for_restart = context == "restart"
         if hypers.get("enable_cueq") and context != "export":
-            if context == "finetune" and not cueq.cueq_available():
+            if context == "finetune" and not backend.cueq_available():
                 logging.info(
                     "The checkpoint was trained with cuEquivariance, which is not "
                     "installed: fine-tuning on e3nn (same weights)"

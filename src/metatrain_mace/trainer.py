@@ -38,23 +38,23 @@ from metatrain.utils.scaler import get_remove_scale_transform
 from metatrain.utils.system_data import get_system_data_transform
 from metatrain.utils.transfer import batch_to
 
-from metatrain_mace import checkpoints, distributed
+from metatrain_mace import checkpoints
 from metatrain_mace._version import __version__
-from metatrain_mace.baselines import fit_baselines
-from metatrain_mace.checkpoint_files import LATEST, atomic_save
-from metatrain_mace.conditioning import check_dataset_values, report_missing_inputs
-from metatrain_mace.datachecks import (
+from metatrain_mace.checkpoints import LATEST, atomic_save
+from metatrain_mace.documentation import TrainerHypers
+from metatrain_mace.finetune.strategies import apply_finetuning
+from metatrain_mace.model import MetaMACE
+from metatrain_mace.train import distributed
+from metatrain_mace.train.baselines import fit_baselines
+from metatrain_mace.train.datachecks import (
     SkipStructureLines,
     StructureNames,
     check_batch_limit,
     check_datasets,
 )
-from metatrain_mace.dataloading import prepare_data, unpack
-from metatrain_mace.documentation import TrainerHypers
-from metatrain_mace.finetuning import apply_finetuning
-from metatrain_mace.metrics import TargetUnitMetrics
-from metatrain_mace.model import MetaMACE
-from metatrain_mace.optimization import (
+from metatrain_mace.train.loading import prepare_data, unpack
+from metatrain_mace.train.metrics import TargetUnitMetrics
+from metatrain_mace.train.optimizer import (
     base_learning_rate,
     build_optimizer,
     build_scheduler,
@@ -62,12 +62,16 @@ from metatrain_mace.optimization import (
     same_layout,
     step_scheduler,
 )
-from metatrain_mace.recipe import (
+from metatrain_mace.train.recipe import (
     WeightAverage,
     in_stage_two,
     log_stage_two,
     stage_two_loss,
     stage_two_scheduler,
+)
+from metatrain_mace.trunk.conditioning import (
+    check_dataset_values,
+    report_missing_inputs,
 )
 
 

@@ -118,7 +118,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         _precision(precision, args)
         return
 
-    from metatrain_mace.export import export_mace_model
+    from metatrain_mace.tools.export import export_mace_model
 
     try:
         export_mace_model(args.path, args.output, head=args.head, dtype=args.dtype)
@@ -131,7 +131,7 @@ def _precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """``metatrain-mace precision``: the per-block precision report."""
     import ase.io
 
-    from metatrain_mace.precision import (
+    from metatrain_mace.tools.precision import (
         load_for_report,
         plot_report,
         precision_report,
@@ -152,7 +152,7 @@ def _precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``metatrain-mace plot``: training curves and/or parity plots."""
-    from metatrain_mace.plotting import plot_parity, plot_training
+    from metatrain_mace.tools.plotting import plot_parity, plot_training
 
     if (args.predictions is None) != (args.references is None):
         parser.error("--predictions and --references go together")

@@ -9,11 +9,12 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from metatrain_mace import cueq, lora
-from metatrain_mace.builder import set_avg_num_neighbors
-from metatrain_mace.irreps_probe import probe_cluster
-from metatrain_mace.scripting import tree_copy
-from metatrain_mace.slicing import split_tensor_product_inputs
+from metatrain_mace.finetune import lora
+from metatrain_mace.trunk import backend, cueq
+from metatrain_mace.trunk.build import set_avg_num_neighbors
+from metatrain_mace.trunk.irreps import probe_cluster
+from metatrain_mace.trunk.scripting import tree_copy
+from metatrain_mace.trunk.slicing import split_tensor_product_inputs
 
 
 class TrunkPass:
@@ -27,7 +28,7 @@ class TrunkPass:
     def _set_layout(self) -> None:
         """Follow the layout of the trunk's node features: cuEquivariance keeps
         them as (irrep, multiplicity), the heads read e3nn's (multiplicity, irrep)."""
-        self.uses_cueq = cueq.is_cueq(self.mace)
+        self.uses_cueq = backend.is_cueq(self.mace)
         if self.uses_cueq:
             order = cueq.mul_ir_order(self.feature_irreps)
         else:

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from metatrain_mace.batching import systems_for_model, systems_to_graph
+from metatrain_mace.trunk.graph import systems_for_model, systems_to_graph
 
 
 DTYPES = {
@@ -370,8 +370,8 @@ def load_for_report(path: str, head: Optional[str] = None) -> torch.nn.Module:
     package) or a MACE model file, as a model in its own dtype.
 
     An exported model is rebuilt in Python from the record its export stored
-    (:mod:`metatrain_mace.provenance`), with the exported weights."""
-    from metatrain_mace.provenance import is_exported, rebuild
+    (:mod:`metatrain_mace.tools.provenance`), with the exported weights."""
+    from metatrain_mace.tools.provenance import is_exported, rebuild
 
     file = Path(path)
     if not file.is_file():
@@ -387,7 +387,7 @@ def load_for_report(path: str, head: Optional[str] = None) -> torch.nn.Module:
         from metatrain.utils.io import load_model
 
         return load_model(str(file)).to(torch.float64).eval()
-    from metatrain_mace.export import mace_file_to_model
+    from metatrain_mace.tools.export import mace_file_to_model
 
     return mace_file_to_model(str(file), head=head, dtype="float64")
 

@@ -2,9 +2,10 @@
 
 A MACE model file is a pickle of the module, without the arguments it was built
 with. Reading them back lets this package build a twin of the module (in the other
-backend, see :mod:`metatrain_mace.cueq`), name the architecture hypers a file fixes
-(:func:`metatrain_mace.foundation.file_hypers`) and record a trunk in an exported
-model as plain JSON (:mod:`metatrain_mace.provenance`), never as a pickle.
+backend, see :mod:`metatrain_mace.trunk.cueq`), name the architecture hypers a file
+fixes (:func:`metatrain_mace.trunk.foundation.file_hypers`) and record a trunk in an
+exported model as plain JSON (:mod:`metatrain_mace.tools.provenance`), never as a
+pickle.
 """
 
 import importlib
@@ -13,8 +14,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from metatrain_mace.builder import float64_default
 from metatrain_mace.mace_import import o3
+from metatrain_mace.trunk.backend import float64_default, is_cueq
 
 
 #: arguments holding irreps, written as their string and read back as o3.Irreps
@@ -125,13 +126,6 @@ def constructor_args(mace: torch.nn.Module) -> Dict[str, Any]:
             mace.scale_shift.shift.detach().cpu().numpy().copy()
         )
     return args
-
-
-def is_cueq(mace: torch.nn.Module) -> bool:
-    """Whether a MACE module runs on cuEquivariance (its symmetric contractions
-    are cuequivariance-torch modules)."""
-    contraction = mace.products[0].symmetric_contractions
-    return type(contraction).__module__.startswith("cuequivariance_torch")
 
 
 def reduced_cg(mace: torch.nn.Module) -> bool:
@@ -256,7 +250,6 @@ def rebuild(plain: Dict[str, Any]) -> torch.nn.Module:
 __all__ = [
     "constructor_args",
     "from_json",
-    "is_cueq",
     "rebuild",
     "record",
     "reduced_cg",

@@ -11,7 +11,7 @@ from metatomic.torch import ModelOutput, System
 from metatrain.utils.data.atomic_basis_helpers import sparsify_atomic_basis_target
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
-from metatrain_mace.naming import last_layer_features_name
+from metatrain_mace.heads.targets import last_layer_features_name
 
 
 class OutputAssembly:

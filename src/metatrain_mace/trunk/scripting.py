@@ -72,7 +72,7 @@ def compiled_copy(
     :param drop: ``(submodule, attribute)`` pairs removed from the copy before it
         is compiled: modules whose code TorchScript cannot compile and whose work
         is done by other modules of the copy (mace-torch's ``joint_embedding``,
-        replaced by :class:`metatrain_mace.conditioning.SystemConditioning`).
+        replaced by :class:`metatrain_mace.trunk.conditioning.SystemConditioning`).
     """
     new = tree_copy(module)
     for path, name in drop:

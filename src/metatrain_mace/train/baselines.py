@@ -22,7 +22,7 @@ from metatrain.composition import train_or_load_composition_model
 from metatrain.scaler import train_or_load_scaler
 from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
-from metatrain_mace.foundation import energy_baseline
+from metatrain_mace.trunk.foundation import energy_baseline
 
 
 FixedWeights = Union[str, Dict[str, Any]]

@@ -12,11 +12,8 @@ from metatrain.utils.data import DatasetInfo, TargetInfo
 from metatrain.utils.data.atomic_basis_helpers import densify_atomic_basis_dataset_info
 from metatrain.utils.hypers import raise_if_hypers_mismatch
 
-from metatrain_mace import foundation
-from metatrain_mace.builder import float64_default
-from metatrain_mace.coupling import CoupledBlock, coupled_parts
-from metatrain_mace.features import IrrepGather
-from metatrain_mace.heads import (
+from metatrain_mace.checkpoints import ARCHITECTURE_NAME
+from metatrain_mace.heads.blocks import (
     EquivariantLinearBlock,
     EquivariantLinearHead,
     MLPHead,
@@ -24,10 +21,13 @@ from metatrain_mace.heads import (
     irrep_of_block,
     readout_last_layer_size,
 )
+from metatrain_mace.heads.coupling import CoupledBlock, coupled_parts
+from metatrain_mace.heads.features import IrrepGather
+from metatrain_mace.heads.products import ProductBlock, product_order
+from metatrain_mace.heads.targets import check_target, last_layer_features_name
 from metatrain_mace.mace_import import o3
-from metatrain_mace.naming import ARCHITECTURE_NAME, last_layer_features_name
-from metatrain_mace.products import ProductBlock, product_order
-from metatrain_mace.targets import check_target
+from metatrain_mace.trunk import foundation
+from metatrain_mace.trunk.backend import float64_default
 
 
 if TYPE_CHECKING:
@@ -79,7 +79,8 @@ class TargetRegistration:
             self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size
         else:
             # e3nn's tensor products compute their coupling coefficients in the
-            # default dtype: float64 keeps them exact (see builder.float64_default)
+            # default dtype: float64 keeps them exact (see
+            # trunk.backend.float64_default)
             with float64_default():
                 self.heads[name] = self._equivariant_head(name, info)
             self.last_layer_feature_sizes[name] = self.heads[name].last_layer_size

@@ -15,9 +15,9 @@ from metatrain.utils.data import DatasetInfo
 from metatrain.utils.data.target_info import get_energy_target_info
 from omegaconf import OmegaConf
 
-from metatrain_mace.baselines import fit_baselines
-from metatrain_mace.foundation import atomic_numbers, load_mace_file
 from metatrain_mace.model import ARCHITECTURE_NAME, MetaMACE
+from metatrain_mace.train.baselines import fit_baselines
+from metatrain_mace.trunk.foundation import atomic_numbers, load_mace_file
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

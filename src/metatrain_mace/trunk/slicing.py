@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import fx
 
-from metatrain_mace.builder import float64_default
-from metatrain_mace.scripting import quiet_torchscript
+from metatrain_mace.trunk.backend import float64_default
+from metatrain_mace.trunk.scripting import quiet_torchscript
 
 
 logger = logging.getLogger(__name__)

@@ -15,48 +15,20 @@ cuEquivariance one tensor with all of them concatenated along the path axis.
 """
 
 import logging
-from typing import Any, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import torch
 
-from metatrain_mace.builder import float64_default
-from metatrain_mace.mace_args import constructor_args, is_cueq, reduced_cg
 from metatrain_mace.mace_import import o3
-from metatrain_mace.scripting import quiet_torchscript
-
-
-INSTALL_HINT = "pip install 'metatrain-mace[cueq]'"
-
-
-def cueq_available() -> bool:
-    """Whether cuequivariance-torch can be imported."""
-    try:
-        import cuequivariance  # noqa: F401
-        import cuequivariance_torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def require_cueq(what: str = "'enable_cueq: true'") -> None:
-    """Refuse cuEquivariance when it is not installed, naming the extra."""
-    if not cueq_available():
-        raise ImportError(
-            f"{what} needs cuequivariance-torch, which is not installed: install it "
-            f"with {INSTALL_HINT} (or set 'enable_cueq: false' to use e3nn)"
-        )
-
-
-def cueq_config() -> Any:
-    """mace-torch's configuration for a cuEquivariance MACE: every operation on
-    cuEquivariance, in its native (irrep, multiplicity) layout, with e3nn's O3
-    conventions so that the weights are those of the e3nn model."""
-    from mace.modules.wrapper_ops import CuEquivarianceConfig
-
-    return CuEquivarianceConfig(
-        enabled=True, layout="ir_mul", group="O3_e3nn", optimize_all=True
-    )
+from metatrain_mace.trunk.backend import (
+    cueq_config,
+    float64_default,
+    is_cueq,
+    require_cueq,
+)
+from metatrain_mace.trunk.mace_args import constructor_args, reduced_cg
+from metatrain_mace.trunk.scripting import quiet_torchscript
 
 
 def _projection(contraction: torch.nn.Module, correlation: int) -> torch.Tensor:
@@ -208,12 +180,4 @@ def convert(mace: torch.nn.Module, to_cueq: bool) -> torch.nn.Module:
     return twin.to(dtype=parameter.dtype, device=parameter.device).train(mace.training)
 
 
-__all__ = [
-    "INSTALL_HINT",
-    "convert",
-    "copy_weights",
-    "mul_ir_order",
-    "cueq_available",
-    "is_cueq",
-    "require_cueq",
-]
+__all__ = ["convert", "copy_weights", "mul_ir_order"]

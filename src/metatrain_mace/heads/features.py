@@ -2,7 +2,7 @@
 
 Layout of ``mtt::aux::mace_features``: one block per irrep that the node features of
 any layer actually carry (irreps that MACE never fills are left out, see
-:mod:`metatrain_mace.irreps_probe`), keyed by ``o3_lambda`` and ``o3_sigma`` (metatensor
+:mod:`metatrain_mace.trunk.irreps`), keyed by ``o3_lambda`` and ``o3_sigma`` (metatensor
 convention: ``o3_sigma = parity * (-1)^o3_lambda``, so ``1o`` is ``(1, 1)`` and ``1e``
 is ``(1, -1)``), with one ``o3_mu`` component axis (``-l..l``, real spherical harmonics
 with ``z`` as polar axis, the convention of metatensor) and properties

@@ -4,7 +4,7 @@ Invariant (scalar) targets get a small MLP on the scalar (0e) node features of a
 layers; equivariant targets (spherical blocks, Cartesian vectors) get an e3nn linear
 map from all node features to the target irreps, which is exactly equivariant, or,
 for irreps the features do not carry (pseudotensors, high l), a tensor product of
-the features (:mod:`metatrain_mace.products`).
+the features (:mod:`metatrain_mace.heads.products`).
 Every head returns the values of each target block per atom, and invariant
 last-layer features (for LLPR-style uncertainty): for MLP heads the input of their last
 linear layer; for equivariant heads, whose last (and only) layer is linear in the node
@@ -13,7 +13,7 @@ features (LLPR needs one invariant feature vector per sample and target).
 
 A :class:`ReadoutHead` is a copy of MACE's own energy readouts, for a second
 energy-like target that starts from the file's head (MACE's multi-head fine-tuning,
-see :mod:`metatrain_mace.finetuning`).
+see :mod:`metatrain_mace.finetune.strategies`).
 """
 
 import copy
@@ -21,7 +21,7 @@ from typing import List, Tuple
 
 import torch
 
-from metatrain_mace.features import IrrepGather
+from metatrain_mace.heads.features import IrrepGather
 from metatrain_mace.mace_import import o3
 
 
@@ -84,7 +84,7 @@ class EquivariantLinearBlock(torch.nn.Module):
 class EquivariantLinearHead(torch.nn.Module):
     """One block module per block of an equivariant target: an
     :class:`EquivariantLinearBlock` for irreps the node features carry, a
-    :class:`~metatrain_mace.products.ProductBlock` for the others.
+    :class:`~metatrain_mace.heads.products.ProductBlock` for the others.
 
     :param blocks: the block modules, one per target block; each returns the
         block's values and its own last-layer features (none for linear blocks).

@@ -1,14 +1,25 @@
 """Which targets the heads can produce (decided before anything is trained), and
-the checks of the energy target the exported model runs."""
+the checks of the energy target the exported model runs, and the names of the
+auxiliary outputs the heads add."""
 
 import torch
 from metatensor.torch import TensorMap
 from metatrain.utils.data import DatasetInfo, TargetInfo
 
-from metatrain_mace.coupling import coupled_parts
-from metatrain_mace.heads import irrep_of_block
+from metatrain_mace.heads.blocks import irrep_of_block
+from metatrain_mace.heads.coupling import coupled_parts
+from metatrain_mace.heads.products import product_order
 from metatrain_mace.mace_import import o3
-from metatrain_mace.products import product_order
+
+
+MACE_FEATURES = "mtt::aux::mace_features"
+"""Output name of the equivariant MACE node features (see
+:mod:`metatrain_mace.heads.features`)."""
+
+
+def last_layer_features_name(target_name: str) -> str:
+    """Name of the auxiliary output holding the last-layer features of a target."""
+    return "mtt::aux::" + target_name.replace("mtt::", "") + "_last_layer_features"
 
 
 def _missing_irrep_message(
@@ -61,7 +72,7 @@ def check_target(
     :param name: target name, used in the error messages.
     :param info: the target's metatrain description.
     :param produced: irreps that the MACE node features of all layers actually carry
-        (see :mod:`metatrain_mace.irreps_probe`).
+        (see :mod:`metatrain_mace.trunk.irreps`).
     :param declared: irreps the node features of all layers are declared with.
     :param num_interactions: number of MACE layers (the last keeps only scalars).
     """

@@ -13,7 +13,7 @@ under rotations and inversion, like MACE's own products.
 Intermediate irreps are kept to ``l <= 2 * max(l of the features)``; an irrep that no
 product of at most three factors reaches within that bound is refused by
 :func:`product_order`'s caller with the trunk-design message of
-:mod:`metatrain_mace.targets`.
+:mod:`metatrain_mace.heads.targets`.
 """
 
 import contextlib

@@ -5,7 +5,7 @@ from typing import Any, Dict
 
 import torch
 
-from metatrain_mace import lora
+from metatrain_mace.finetune import lora
 
 
 #: key of ``finetune_config`` listing the targets whose head is a copy of MACE's
@@ -21,7 +21,7 @@ def apply_finetuning(
     ``full`` trains every parameter; ``heads`` trains only parameters whose names
     start with one of ``config.head_modules`` or ``config.last_layer_modules``;
     ``lora`` wraps the linear layers matching ``config.target_modules`` in
-    equivariant low-rank adapters (:mod:`metatrain_mace.lora`) and trains only
+    equivariant low-rank adapters (:mod:`metatrain_mace.finetune.lora`) and trains only
     those adapters and the modules of ``config.trainable_modules``.
     ``inherit_heads`` maps a new target to an existing one whose head weights
     initialise it; when the existing one is ``mace_head_target``, the new target
@@ -75,7 +75,8 @@ def inherit_heads(model: torch.nn.Module, inherit: Dict[str, str]) -> None:
     """Initialise the heads of new targets from those of existing ones.
 
     A head of another target is copied weight for weight. MACE's own readout
-    (``mace_head_target``) is copied as a :class:`~metatrain_mace.heads.ReadoutHead`:
+    (``mace_head_target``) is copied as a
+    :class:`~metatrain_mace.heads.blocks.ReadoutHead`:
     the new target starts from the predictions of the file's head and, trained on
     its own data while the original target keeps training on replay data, forms
     MACE's multi-head fine-tuning.

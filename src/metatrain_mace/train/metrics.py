@@ -17,7 +17,7 @@ from metatomic.torch import System
 from metatrain.scaler import Scaler
 from metatrain.utils.metrics import MAEAccumulator, RMSEAccumulator
 
-from metatrain_mace.distributed import sum_over_ranks
+from metatrain_mace.train.distributed import sum_over_ranks
 
 
 Accumulator = Union[RMSEAccumulator, MAEAccumulator]

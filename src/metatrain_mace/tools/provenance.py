@@ -1,7 +1,7 @@
 """What an exported model records to be rebuilt in Python, as plain JSON.
 
 An exported (TorchScript) model runs as a whole; tools that look inside the model
-(the per-block precision report, :mod:`metatrain_mace.precision`) need the Python
+(the per-block precision report, :mod:`metatrain_mace.tools.precision`) need the Python
 model back. Every export of this package stores, in a string attribute
 ``provenance`` of the wrapped module, the model hypers, the dataset info (target
 layouts as metatensor buffers), the constructor arguments of a trunk that came
@@ -23,8 +23,8 @@ from metatrain.utils.data import DatasetInfo
 from metatrain.utils.data.target_info import TargetInfo
 from omegaconf import OmegaConf
 
-from metatrain_mace import mace_args
 from metatrain_mace._version import __version__
+from metatrain_mace.trunk import mace_args
 
 
 if TYPE_CHECKING:

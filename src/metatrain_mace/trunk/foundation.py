@@ -15,11 +15,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from metatrain_mace import foundation_names
-from metatrain_mace.conditioning import check_specs
-from metatrain_mace.mace_args import constructor_args
 from metatrain_mace.mace_import import mace_modules, o3
-from metatrain_mace.scripting import quiet_torchscript
+from metatrain_mace.trunk import foundation_names
+from metatrain_mace.trunk.conditioning import check_specs
+from metatrain_mace.trunk.mace_args import constructor_args
+from metatrain_mace.trunk.scripting import quiet_torchscript
 
 
 # model hyperparameters that describe the MACE architecture: a MACE file fixes them

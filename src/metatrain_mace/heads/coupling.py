@@ -6,7 +6,8 @@ and Cartesian rank-2 tensors such as polarizabilities, which are ``1o x 1o``) is
 sum of irreducible parts ``L = |l_a - l_b| .. l_a + l_b`` of parity ``p_a p_b``: for
 a 3x3 tensor, its trace (``0e``), antisymmetric part (``1e``) and symmetric
 traceless part (``2e``). Each part is predicted by an equivariant block (linear in
-the node features or a tensor product of them, see :mod:`metatrain_mace.products`),
+the node features or a tensor product of them, see
+:mod:`metatrain_mace.heads.products`),
 and the parts are coupled back with the Clebsch-Gordan (Wigner 3j) coefficients:
 exactly equivariant, ``T -> D_a T D_b^T`` (``R T R^T`` for Cartesian tensors).
 """

@@ -1,14 +1,14 @@
 """Build ``mace.modules.MACE`` from the model hyperparameters, with clear errors."""
 
-import contextlib
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from metatrain_mace.conditioning import check_specs
 from metatrain_mace.mace_import import mace_modules, o3
-from metatrain_mace.scripting import quiet_torchscript
+from metatrain_mace.trunk.backend import cueq_config, float64_default, require_cueq
+from metatrain_mace.trunk.conditioning import check_specs
+from metatrain_mace.trunk.scripting import quiet_torchscript
 
 
 def parse_irreps(name: str, value: str) -> o3.Irreps:
@@ -89,21 +89,6 @@ def embedding_specs(hypers: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     return specs
 
 
-@contextlib.contextmanager
-def float64_default() -> Iterator[None]:
-    """Make float64 torch's default dtype inside the block (restored afterwards).
-
-    MACE and e3nn compute their coupling coefficients in the default dtype when a
-    module is built or its code generated; float64 keeps them exact.
-    """
-    previous_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous_dtype)
-
-
 @quiet_torchscript()
 def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Module:
     """A new ``mace.modules.MACE`` for ``atomic_types``, in float64.
@@ -113,9 +98,6 @@ def build_mace(hypers: Dict[str, Any], atomic_types: List[int]) -> torch.nn.Modu
     keeps float64 models exactly equivariant.
     """
     check_model_hypers(hypers)
-    # cueq imports this module
-    from metatrain_mace.cueq import cueq_config, require_cueq
-
     if hypers.get("enable_cueq"):
         require_cueq()
     edge_irreps = hypers["edge_irreps"]

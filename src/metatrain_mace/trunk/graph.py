@@ -67,7 +67,7 @@ def systems_for_model(model: torch.nn.Module, frames: list, dtype: torch.dtype) 
     from metatomic.torch import systems_to_torch
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
-    from metatrain_mace.conditioning import ase_inputs
+    from metatrain_mace.trunk.conditioning import ase_inputs
 
     names = list(model.requested_inputs())
     systems = []
