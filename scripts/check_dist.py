@@ -39,8 +39,8 @@ def check_wheel(path: Path) -> List[str]:
     with zipfile.ZipFile(path) as wheel:
         names = set(wheel.namelist())
         modules = sorted(
-            f"metatrain_mace/{module.name}"
-            for module in (SOURCE / "metatrain_mace").glob("*.py")
+            module.relative_to(SOURCE).as_posix()
+            for module in (SOURCE / "metatrain_mace").rglob("*.py")
         )
         for name in [HOOK_PTH, HOOK_MODULE, *modules, *PACKAGE_DATA]:
             if name not in names:

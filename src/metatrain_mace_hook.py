@@ -34,6 +34,9 @@ DISABLE_VARIABLE = "METATRAIN_MACE_DISABLE"
 MAIN_PROCESS_MODULE = "metatrain.utils.distributed.logging"
 TRAIN_MODULE = "metatrain.cli.train"
 IO_MODULE = "metatrain.utils.io"
+ASE_WRITER_MODULE = "metatrain.utils.data.writers.ase"
+EVAL_MODULE = "metatrain.cli.eval"
+READER_MODULE = "metatrain.utils.data.readers.ase"
 
 
 def _target_name(fullname: str) -> Optional[str]:
@@ -130,8 +133,73 @@ def model_from_checkpoint_refusing_intree(
     return model_from_checkpoint
 
 
+def ase_writer_for_several_blocks(original: Any) -> Any:
+    """metatrain's ``ASEWriter`` (the xyz writer of ``mtt eval``), also for outputs
+    of several blocks: each block is written as an output of its own
+    (:mod:`metatrain_mace.tools.predictions`), where metatrain refuses them. Without
+    ``targets``, ``mtt eval`` asks a model for every output it has, and those of this
+    package include ``mtt::aux::mace_features`` (one block per irrep)."""
+
+    class ASEWriter(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if self.capabilities is not None:
+                from metatrain_mace.tools.predictions import OutputQuantities
+
+                self.capabilities = OutputQuantities(self.capabilities)
+
+        def write(self, systems: Any, predictions: Any) -> None:
+            from metatrain_mace.tools.predictions import single_blocks
+
+            super().write(systems, single_blocks(systems, predictions))
+
+    ASEWriter.__doc__ = original.__doc__
+    ASEWriter.__module__ = original.__module__
+    ASEWriter.__wrapped__ = original  # type: ignore[attr-defined]
+    return ASEWriter
+
+
+def eval_targets_with_forces(original: Callable[..., Any]) -> Callable[..., Any]:
+    """metatrain's ``_eval_targets`` (the evaluation loop of ``mtt eval``), asking
+    energies with their gradients also when ``eval.yaml`` gives no targets, so that
+    predictions on new structures hold forces and stress
+    (:mod:`metatrain_mace.tools.predictions`)."""
+
+    def _eval_targets(model: Any, dataset: Any, options: Any, *args, **kwargs) -> Any:
+        from metatrain_mace.tools.predictions import with_energy_gradients
+
+        return original(model, dataset, with_energy_gradients(options), *args, **kwargs)
+
+    _eval_targets.__doc__ = original.__doc__
+    _eval_targets.__wrapped__ = original  # type: ignore[attr-defined]
+    return _eval_targets
+
+
+def read_energy_checking_gradients(
+    original: Callable[..., Any],
+) -> Callable[..., Any]:
+    """metatrain's ``read_energy`` (of ASE-readable files), refusing forces,
+    stress or virial that it dropped for a whole file because their key is
+    misspelt or some structures lack them, where metatrain only warns
+    (``metatrain_mace.train.datachecks.check_energy_gradients``)."""
+
+    def read_energy(target_name: str, target: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(target_name, target, *args, **kwargs)
+        from metatrain_mace.train.datachecks import check_energy_gradients
+
+        check_energy_gradients(target, result[1])
+        return result
+
+    read_energy.__doc__ = original.__doc__
+    read_energy.__wrapped__ = original  # type: ignore[attr-defined]
+    return read_energy
+
+
 WRAPPERS = {
+    READER_MODULE: ("read_energy", read_energy_checking_gradients),
+    EVAL_MODULE: ("_eval_targets", eval_targets_with_forces),
     MAIN_PROCESS_MODULE: ("is_main_process", is_main_process_with_rank),
+    ASE_WRITER_MODULE: ("ASEWriter", ase_writer_for_several_blocks),
     TRAIN_MODULE: ("train_model", train_model_checking_restart),
     IO_MODULE: ("model_from_checkpoint", model_from_checkpoint_refusing_intree),
 }

@@ -16,7 +16,7 @@ import torch
 from mace.modules import symmetric_contraction
 
 import metatrain_mace.mace_import  # noqa: F401  (imports mace safely)
-from datasets import make_alloy, make_molecules
+from helpers.datasets import make_alloy, make_molecules
 
 
 def _memoise_u_matrices() -> None:
@@ -56,3 +56,43 @@ def alloy_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def tests_dir() -> Path:
     return Path(__file__).parent
+
+
+# the longest modules (minutes on one core), longest first: each runs several whole
+# trainings in subprocesses
+LONG_MODULES = (
+    "test_docs_run.py",
+    "test_distributed.py",
+    "test_end_to_end.py",
+    "test_foundation_training.py",
+    "test_charge_spin.py",
+    "test_cueq.py",
+    "test_engines.py",
+)
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list
+) -> None:
+    """The longest modules first, then the other modules that train (tests marked
+    slow), then the rest.
+
+    With ``-n 2 --dist=loadscope`` each module runs whole on one worker, and the
+    workers take modules in this order (``--no-loadscope-reorder``): the long
+    modules start early and the short ones fill in at the end, so that neither
+    worker waits long for the other at the end of the run. The order within a
+    module is kept.
+    """
+    weight: dict = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        slow = item.get_closest_marker("slow") is not None
+        weight[module] = weight.get(module, 0) + (60 if slow else 1)
+    for module in weight:
+        name = module.rsplit("/", 1)[-1]
+        if name in LONG_MODULES:
+            weight[module] += 10**6 * (len(LONG_MODULES) - LONG_MODULES.index(name))
+    position = {item.nodeid: i for i, item in enumerate(items)}
+    items.sort(
+        key=lambda item: (-weight[item.nodeid.split("::")[0]], position[item.nodeid])
+    )

@@ -119,6 +119,7 @@ class TestExported(ExportedTests, MACETests):
     pass
 
 
+@pytest.mark.slow  # metatrain's training runs
 class TestTraining(TrainingTests, MACETests):
     pass
 

@@ -29,8 +29,8 @@ import numpy as np
 import pytest
 import yaml
 
-from datasets import make_alloy
-from mace_files import save_mace_model
+from helpers.datasets import make_alloy
+from helpers.mace_files import save_mace_model
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +95,17 @@ def runnable_blocks(page: Path) -> List[Block]:
 
 
 PAGES_WITH_BLOCKS = [p for p in PAGES if runnable_blocks(p)]
+
+
+def trains(page: Path) -> bool:
+    """Whether a block of the page runs ``mtt train`` (a slow test)."""
+    return any("mtt train" in code for _, code, _ in runnable_blocks(page))
+
+
+PAGE_PARAMS = [
+    pytest.param(page, marks=pytest.mark.slow) if trains(page) else page
+    for page in PAGES_WITH_BLOCKS
+]
 
 
 def one_epoch(text: str) -> str:
@@ -195,7 +206,7 @@ def test_pages_have_runnable_blocks() -> None:
         assert page in names, page
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_BLOCKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("page", PAGE_PARAMS, ids=lambda p: p.name)
 def test_page_runs_as_written(page: Path, files: Path, tmp_path: Path) -> None:
     shutil.copytree(files, tmp_path, dirs_exist_ok=True)
     cwd = tmp_path

@@ -1,90 +1,39 @@
 """The stock ``mtt`` commands, run in subprocesses, use this package end to end."""
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 import torch
-import yaml
 from metatomic_ase import MetatomicCalculator
 from metatrain.utils.io import model_from_checkpoint
 
 import metatrain_mace
-from datasets import ALLOY_TARGETS
+from helpers.cli import mtt, train_log
+from helpers.options import alloy_options, write_options
 
 
-MODEL = {
-    "r_max": 4.5,
-    "hidden_irreps": "8x0e + 8x1o",
-    "max_ell": 2,
-    "correlation": 2,
-    "radial_MLP": [16],
-}
-
-
-def options(dataset: str, **training) -> dict:
-    return {
-        "seed": 0,
-        "base_precision": 64,
-        "architecture": {
-            "name": "experimental.mace",
-            "model": dict(MODEL),
-            "training": {
-                "num_epochs": 2,
-                "batch_size": 4,
-                "num_workers": 0,
-                "checkpoint_interval": 1,
-                **training,
-            },
-        },
-        "training_set": {
-            "systems": {"read_from": dataset, "length_unit": "angstrom"},
-            "targets": ALLOY_TARGETS,
-        },
-        "validation_set": 0.2,
-        "test_set": 0.0,
-    }
-
-
-def mtt(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ}
-    environment.pop("METATRAIN_MACE_DISABLE", None)
-    environment.update(env)
-    # the mtt of this interpreter's environment, activated or not
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "mtt"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env=environment,
-        check=False,
-    )
-
-
-def train_log(directory: Path) -> str:
-    return "\n".join(p.read_text() for p in sorted(directory.glob("outputs/*/*/*.log")))
+# whole training runs
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def workdir(tmp_path: Path, alloy_path: str) -> Path:
-    shutil.copy(alloy_path, tmp_path / "alloy.xyz")
+    """16 Cu-Au cells: enough for every check here, in less time than all 40."""
+    frames = ase.io.read(alloy_path, ":16")
+    ase.io.write(tmp_path / "alloy.xyz", frames, format="extxyz")
     return tmp_path
-
-
-def write_options(path: Path, content: dict) -> None:
-    path.write_text(yaml.safe_dump(content))
 
 
 def test_train_eval_restart(workdir: Path) -> None:
     write_options(
         workdir / "options.yaml",
-        options("alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5),
+        alloy_options(
+            "alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5
+        ),
     )
     result = mtt("train", "options.yaml", "-o", "model.pt", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -113,7 +62,7 @@ def test_train_eval_restart(workdir: Path) -> None:
         workdir / "eval.yaml",
         {
             "systems": {"read_from": "alloy.xyz", "length_unit": "angstrom"},
-            "targets": options("alloy.xyz")["training_set"]["targets"],
+            "targets": alloy_options("alloy.xyz")["training_set"]["targets"],
         },
     )
     result = mtt("eval", "model.pt", "eval.yaml", "-o", "out.xyz", cwd=workdir)
@@ -142,8 +91,34 @@ def test_train_eval_restart(workdir: Path) -> None:
         np.testing.assert_allclose(atoms.get_stress(), stress, atol=1e-10, rtol=0)
         assert np.abs(forces).max() > 1e-3  # a trained model, not zeros
 
+    # predictions on structures without references: energy, forces and stress of
+    # the trained model, as its ASE calculator gives them
+    write_options(
+        workdir / "predict.yaml",
+        {"systems": {"read_from": "alloy.xyz", "length_unit": "angstrom"}},
+    )
+    result = mtt("eval", "model.pt", "predict.yaml", "-o", "new.xyz", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for atoms, predicted in zip(
+        ase.io.read(workdir / "alloy.xyz", ":3"),
+        ase.io.read(workdir / "new.xyz", ":3"),
+        strict=True,
+    ):
+        atoms.calc = trained
+        assert predicted.get_potential_energy() == pytest.approx(
+            atoms.get_potential_energy(), abs=1e-10
+        )
+        np.testing.assert_allclose(
+            predicted.get_forces(), atoms.get_forces(), atol=1e-8, rtol=0
+        )
+        np.testing.assert_allclose(
+            predicted.get_stress(), atoms.get_stress(), atol=1e-10, rtol=0
+        )
+
     # restart: continue at epoch 2 with the optimizer and scheduler state
-    config = options("alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5)
+    config = alloy_options(
+        "alloy.xyz", lr_scheduler="ExponentialLR", lr_scheduler_gamma=0.5
+    )
     config["architecture"]["training"]["num_epochs"] = 4
     write_options(workdir / "options.yaml", config)
     shutil.rmtree(workdir / "outputs")
@@ -169,7 +144,7 @@ def test_train_eval_restart(workdir: Path) -> None:
 
 
 def test_bad_hypers_fail_before_training(workdir: Path) -> None:
-    config = options("alloy.xyz")
+    config = alloy_options("alloy.xyz")
     config["architecture"]["model"]["hidden_irreps"] = "16x0e + 8x1o"
     write_options(workdir / "options.yaml", config)
     result = mtt("train", "options.yaml", cwd=workdir)
@@ -179,7 +154,7 @@ def test_bad_hypers_fail_before_training(workdir: Path) -> None:
 
 
 def test_disable_uses_metatrain_copy(workdir: Path) -> None:
-    config = options("alloy.xyz")
+    config = alloy_options("alloy.xyz")
     config["architecture"]["model"] = {"r_max": 4.5, "hidden_irreps": "8x0e + 8x1o"}
     config["architecture"]["training"] = {"num_epochs": 1, "batch_size": 4}
     write_options(workdir / "options.yaml", config)

@@ -22,6 +22,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from engines.torchsim_env import torchsim_python
+from helpers.options import train_options
+
+
+# whole training runs
+pytestmark = pytest.mark.slow
 
 
 ENGINES = Path(__file__).parent / "engines"
@@ -33,34 +38,16 @@ def trained(tmp_path_factory, alloy_path) -> Path:
     from metatrain.cli.train import train_model
 
     directory = tmp_path_factory.mktemp("engines")
-    options = {
-        "seed": 0,
-        "base_precision": 64,
-        "architecture": {
-            "name": "experimental.mace",
-            "model": {
-                "r_max": 4.5,
-                "hidden_irreps": "8x0e + 8x1o",
-                "num_interactions": 2,
-                "correlation": 2,
-                "max_ell": 2,
-            },
-            "training": {"num_epochs": 3, "batch_size": 4, "num_workers": 0},
-        },
-        "training_set": {
-            "systems": {"read_from": alloy_path, "length_unit": "angstrom"},
-            "targets": {
-                "energy": {
-                    "key": "REF_energy",
-                    "unit": "eV",
-                    "forces": {"key": "REF_forces"},
-                    "stress": {"key": "REF_stress"},
-                }
-            },
-        },
-        "validation_set": 0.2,
-        "test_set": 0.0,
+    model = {
+        "r_max": 4.5,
+        "hidden_irreps": "8x0e + 8x1o",
+        "num_interactions": 2,
+        "correlation": 2,
+        "max_ell": 2,
     }
+    options = train_options(
+        alloy_path, model, validation=0.2, num_epochs=3, batch_size=4
+    )
     (directory / "run").mkdir()
     train_model(
         OmegaConf.create(options),

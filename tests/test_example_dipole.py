@@ -14,12 +14,17 @@ from pathlib import Path
 
 import ase.io
 import numpy as np
+import pytest
 import torch
 import yaml
 from metatomic.torch import ModelOutput
 from metatomic_ase import MetatomicCalculator
 
 from metatrain_mace.mace_import import o3
+
+
+# whole training runs
+pytestmark = pytest.mark.slow
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dipole"

@@ -51,6 +51,7 @@ def test_own_checkpoints_are_not_intree(tests_dir: Path) -> None:
         assert not is_intree_checkpoint(load(path))
 
 
+@pytest.mark.slow
 def test_mtt_export_names_the_cause_and_the_switch(tmp_path: Path) -> None:
     newest = [p for p in CHECKPOINTS if p.name.startswith("model-v4_trainer-v4")][0]
     with gzip.open(newest) as source, open(tmp_path / "model.ckpt", "wb") as target:

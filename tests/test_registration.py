@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import metatrain
+import pytest
 
 import metatrain_mace
 
@@ -43,6 +44,7 @@ def test_documentation_imports_without_torch_or_mace() -> None:
     assert out == "False False True"
 
 
+@pytest.mark.slow
 def test_alias_modules_are_the_same_objects() -> None:
     out = run_python(
         "import metatrain.experimental.mace as alias, metatrain_mace, "
@@ -63,6 +65,7 @@ def test_same_objects_in_this_process() -> None:
     assert alias_model.MetaMACE is metatrain_mace.MetaMACE
 
 
+@pytest.mark.slow
 def test_disable_keeps_metatrain_copy() -> None:
     out = run_python(
         "from metatrain.utils.architectures import import_architecture; "
@@ -73,6 +76,7 @@ def test_disable_keeps_metatrain_copy() -> None:
     assert Path(out).parent == metatrain_dir / "experimental" / "mace"
 
 
+@pytest.mark.slow
 def test_register_overrides_explicitly() -> None:
     out = run_python(
         "import metatrain.experimental.mace as before; import metatrain_mace; "

@@ -23,12 +23,10 @@ from metatomic.torch import (
     systems_to_torch,
 )
 from metatomic_ase import MetatomicCalculator
-from metatrain.utils.architectures import get_default_hypers
 from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
-from metatrain_mace import MetaMACE
-from metatrain_mace.mace_import import o3
-from symmetry import (
+from helpers.options import default_model
+from helpers.symmetry import (
     HYPERS,
     all_kinds_dataset_info,
     as_3d,
@@ -39,6 +37,8 @@ from symmetry import (
     transformed,
     wigner,
 )
+from metatrain_mace import MetaMACE
+from metatrain_mace.mace_import import o3
 
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -85,7 +85,7 @@ def exported(tmp_path_factory) -> Dict[torch.dtype, tuple]:
     """
     assert torch.get_default_dtype() == torch.float32
     torch.manual_seed(0)
-    hypers = {**get_default_hypers("experimental.mace")["model"], **HYPERS}
+    hypers = default_model(**HYPERS)
     model = MetaMACE(hypers, all_kinds_dataset_info())
     kinds = output_kinds(model)
     directory = tmp_path_factory.mktemp("exported")

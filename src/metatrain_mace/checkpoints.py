@@ -4,7 +4,12 @@
   version ``v`` to a function updating a checkpoint dict from ``v`` to ``v + 1`` in
   place. Version 1 is the first published format; model version 2 adds
   ``model_data["mace_trunk"]``, model version 3 the ``embedding_specs`` hyper, model
-  version 4 the ``enable_cueq`` hyper, trainer version 2 the ``frozen_layers`` and
+  version 4 the ``enable_cueq`` hyper, model version 5 moves the MACE trunk into a
+  module of its own (state-dict keys ``mace.*``, ``conditioning.*`` and
+  ``avg_num_neighbors`` become ``trunk.mace.*``, ``trunk.conditioning.*`` and
+  ``trunk.avg_num_neighbors``; names in the hypers and in ``finetune_config`` keep
+  the names of the MACE model, see :mod:`metatrain_mace.parameter_names`), trainer
+  version 2 the ``frozen_layers`` and
   ``lr_factors`` hypers, trainer version 3 the EMA and stage two of MACE's recipe.
 - Files that survive crashes. Every checkpoint and exported model this package
   writes goes first to a hidden temporary file in the same folder, which is renamed
@@ -25,12 +30,18 @@
 """
 
 import contextlib
+import logging
 import os
+import re
+import signal
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import torch
+
+from metatrain_mace import parameter_names
 
 
 ARCHITECTURE_NAME = "experimental.mace"
@@ -69,10 +80,25 @@ def _model_v3_to_v4(checkpoint: Dict[str, Any]) -> None:
         hypers.setdefault("enable_cueq", False)
 
 
+def _model_v4_to_v5(checkpoint: Dict[str, Any]) -> None:
+    """v5 holds the MACE trunk in a module of its own: the keys ``mace.*``,
+    ``conditioning.*`` and ``avg_num_neighbors`` of the state dicts (and of the
+    trainer's weight average) are under ``trunk.`` (see
+    :func:`metatrain_mace.parameter_names.to_version_5`)."""
+    for key in ("model_state_dict", "best_model_state_dict"):
+        if checkpoint.get(key) is not None:
+            checkpoint[key] = parameter_names.to_version_5(checkpoint[key])
+    # the weight average of the trainer (by parameter name)
+    ema = checkpoint.get("ema_state")
+    if isinstance(ema, dict) and isinstance(ema.get("average"), dict):
+        ema["average"] = parameter_names.to_version_5(ema["average"])
+
+
 MODEL_UPDATES: Dict[int, Update] = {
     1: _model_v1_to_v2,
     2: _model_v2_to_v3,
     3: _model_v3_to_v4,
+    4: _model_v4_to_v5,
 }
 
 
@@ -119,40 +145,110 @@ BASELINE_FILES = ("composition_model.ckpt", "scaler.ckpt")
 checkpoints of the model."""
 
 
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
+"""Names of the temporary files of :func:`replaced_atomically`."""
+
+
 @contextlib.contextmanager
-def _replaced_atomically(path: Union[str, Path]) -> Iterator[Path]:
+def replaced_atomically(path: Union[str, Path]) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when
-    the block ends normally, removed in any case."""
+    the block ends normally, removed in any case. A SIGTERM (what SLURM sends
+    before it kills a job) that arrives during the write waits for its end: the
+    file is then complete, and the process stops as SIGTERM would have stopped
+    it, after a log line that says where to restart from."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with _sigterm_after(path):
+        try:
+            yield temporary
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _sigterm_after(path: Path) -> Iterator[None]:
+    """Hold SIGTERM back while the block runs (main thread only: signal handlers
+    can only be set there), then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: List[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
     try:
-        yield temporary
-        os.replace(temporary, path)
+        yield
     finally:
-        temporary.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, previous)
+        if received:
+            written = path.is_file() and path.suffix == ".ckpt"
+            logging.warning(
+                f"SIGTERM received while writing '{path}'; the write was finished "
+                "first. "
+                + (
+                    f"Continue the run with `mtt train OPTIONS --restart {path}`."
+                    if written
+                    else "Continue from the newest checkpoint of the run."
+                )
+            )
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def remove_stale_temporaries(folder: Union[str, Path]) -> List[Path]:
+    """Remove the temporary files that killed processes left in ``folder`` (a
+    SIGKILL during a write leaves them, as large as the model); files of
+    processes still running are kept. Returns the removed files."""
+    removed: List[Path] = []
+    for candidate in Path(folder).glob(".*.tmp"):
+        match = TEMPORARY.match(candidate.name)
+        if match is None or _is_running(int(match["pid"])):
+            continue
+        try:
+            size = candidate.stat().st_size
+            candidate.unlink()
+        except OSError:
+            continue
+        logging.info(
+            f"Removed '{candidate}' ({size / 1e6:.1f} MB), an unfinished write of "
+            f"'{match['name']}' by a process that has ended"
+        )
+        removed.append(candidate)
+    return removed
+
+
+def remove_stale_temporaries_of_runs(folder: Union[str, Path]) -> List[Path]:
+    """:func:`remove_stale_temporaries` in a run folder and, when it lies in
+    ``outputs/DATE/TIME`` as ``mtt train`` makes them, in the other runs beside
+    it."""
+    folder = Path(folder)
+    folders = [folder]
+    runs = folder.resolve().parent.parent
+    if runs.name == "outputs":
+        folders += [f for f in runs.glob("*/*") if f.is_dir()]
+    removed: List[Path] = []
+    for candidate in dict.fromkeys(f.resolve() for f in folders):
+        removed += remove_stale_temporaries(candidate)
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename it."""
-    with _replaced_atomically(path) as temporary:
+    with replaced_atomically(path) as temporary:
         with open(temporary, "wb") as file:
             torch.save(obj, file)
             file.flush()
             os.fsync(file.fileno())
-
-
-def save_model_atomically(
-    model: Any, file: Union[str, Path], collect_extensions: Optional[str] = None
-) -> None:
-    """``AtomisticModel.save`` through a temporary file beside ``file``: bound as
-    the ``save`` of the models :meth:`MetaMACE.export` returns, because metatrain
-    writes the exported ``model.pt`` of ``mtt train`` with it."""
-    from metatomic.torch import AtomisticModel
-
-    from metatrain_mace.trunk.scripting import quiet_torchscript
-
-    with _replaced_atomically(file) as temporary, quiet_torchscript():
-        AtomisticModel.save(model, str(temporary), collect_extensions)
 
 
 def is_intact(path: Path) -> bool:
@@ -206,6 +302,8 @@ def check_restart_file(path: Union[str, Path]) -> None:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"the restart checkpoint '{path}' does not exist")
+    # unfinished writes of the run that is continued (killed during a write)
+    remove_stale_temporaries(path.resolve().parent)
     try:
         checkpoint = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as error:

@@ -1,66 +1,83 @@
 """The ``experimental.mace`` model: MACE node features, MACE energy readout, heads.
 
-The class is assembled from mixins, one idea each:
-:mod:`metatrain_mace.trunk.evaluation`
-(running MACE), :mod:`metatrain_mace.heads.registration` (targets and their heads),
-:mod:`metatrain_mace.heads.assembly` (TensorMaps, scaler and baseline) and
-:mod:`metatrain_mace.model_io` (checkpoints and export). This module holds the
-construction and the forward pass.
+:class:`MetaMACE` composes three parts and converts between metatomic's Systems and
+TensorMaps and their plain tensors:
+
+- the trunk (:class:`~metatrain_mace.trunk.mace_trunk.MaceTrunk`, ``self.trunk``):
+  MACE's node features of every layer and MACE's own energy readout;
+- the heads (:class:`~metatrain_mace.heads.target_heads.TargetHeads`,
+  ``self.heads``): one head per target other than ``mace_head_target``;
+- the assembly (:class:`~metatrain_mace.heads.assembly.OutputAssembly`,
+  ``self.assembly``): the labels of the targets and the TensorMaps built with them;
+
+and metatrain's scaler and composition baseline (``self.scaler``,
+``self.additive_models``). It also saves, loads and exports itself.
 """
 
-from typing import Any, Dict, List, Optional
+import logging
+import types
+from typing import Any, Dict, List, Literal, Optional
 
 import torch
-from metatensor.torch import Labels, TensorMap
-from metatomic.torch import ModelMetadata, ModelOutput, NeighborListOptions, System
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import (
+    AtomisticModel,
+    ModelCapabilities,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+)
 from metatrain.composition import CompositionModel
 from metatrain.scaler import Scaler
 from metatrain.utils.abc import ModelInterface
 from metatrain.utils.architectures import get_default_hypers
-from metatrain.utils.data import DatasetInfo
+from metatrain.utils.data import DatasetInfo, TargetInfo
+from metatrain.utils.dtype import dtype_to_str
+from metatrain.utils.hypers import raise_if_hypers_mismatch
+from metatrain.utils.metadata import merge_metadata
 from metatrain.utils.sum_over_atoms import sum_over_atoms
 
+from metatrain_mace import checkpoints, records
+from metatrain_mace._version import __version__
 from metatrain_mace.checkpoints import ARCHITECTURE_NAME  # noqa: F401 (re-exported)
 from metatrain_mace.documentation import ModelHypers
+from metatrain_mace.finetune import lora
+from metatrain_mace.finetune.strategies import restore_readout_heads
 from metatrain_mace.heads.assembly import OutputAssembly
 from metatrain_mace.heads.features import SphericalFeatures
-from metatrain_mace.heads.registration import TargetRegistration
+from metatrain_mace.heads.target_heads import TargetHeads
 from metatrain_mace.heads.targets import (  # noqa: F401 (re-exported)
     MACE_FEATURES,
     check_finite,
     check_head_target,
     last_layer_features_name,
 )
-from metatrain_mace.mace_import import o3
-from metatrain_mace.model_io import CheckpointsAndExport
-from metatrain_mace.trunk import cueq, foundation
-from metatrain_mace.trunk.build import build_mace, node_feature_irreps
-from metatrain_mace.trunk.conditioning import SystemConditioning
-from metatrain_mace.trunk.evaluation import TrunkPass
+from metatrain_mace.trunk import backend, cueq, foundation
+from metatrain_mace.trunk.build import build_mace
 from metatrain_mace.trunk.graph import systems_to_graph
-from metatrain_mace.trunk.irreps import produced_irreps
-from metatrain_mace.trunk.slicing import split_tensor_product_inputs
+from metatrain_mace.trunk.mace_trunk import MaceTrunk
+from metatrain_mace.trunk.scripting import (
+    compiled_copy,
+    save_model_atomically,
+    tree_copy,
+)
 
 
-class MetaMACE(
-    TrunkPass,
-    TargetRegistration,
-    OutputAssembly,
-    CheckpointsAndExport,
-    ModelInterface[ModelHypers],
-):
+class MetaMACE(ModelInterface[ModelHypers]):
     """MACE wrapped for metatrain (package ``metatrain-mace``).
 
-    The MACE trunk (``self.mace``, a ``mace.modules.MACE``) computes node features;
-    the target named by ``mace_head_target`` is MACE's own per-atom energy readout,
-    and every other target has a head in ``self.heads``. metatrain's composition
-    baseline and scaler are applied on top at evaluation.
+    The MACE trunk (``self.trunk``, holding a ``mace.modules.MACE`` as
+    ``self.trunk.mace``) computes node features; the target named by
+    ``mace_head_target`` is MACE's own per-atom energy readout, and every other
+    target has a head in ``self.heads``. metatrain's composition baseline and
+    scaler are applied on top at evaluation.
 
     :param hypers: model hyperparameters (see :mod:`metatrain_mace.documentation`).
     :param dataset_info: targets, atomic types and length unit of the dataset.
     """
 
-    __checkpoint_version__ = 4
+    __checkpoint_version__ = 5
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float64, torch.float32]
     __default_metadata__ = ModelMetadata(
@@ -69,14 +86,6 @@ class MetaMACE(
             "implementation": ["https://github.com/ACEsuit/mace"],
         }
     )
-
-    # TorchScript cannot infer the types of these (possibly empty) containers
-    key_labels: Dict[str, Labels]
-    atomic_basis_layouts: Dict[str, TensorMap]
-    component_labels: Dict[str, List[List[Labels]]]
-    property_labels: Dict[str, List[Labels]]
-    per_atom_targets: List[str]
-    readout_heads: List[str]
 
     def __init__(
         self,
@@ -91,6 +100,7 @@ class MetaMACE(
         super().__init__(hypers, dataset_info, self.__default_metadata__)
         self.mace_head_target: str = self.hypers["mace_head_target"]
         self.from_file = hypers["mace_model"] is not None
+        embedding_energy_factor = 1.0
         if self.from_file:
             if mace is None:
                 mace = foundation.load_mace_file(hypers["mace_model"])
@@ -101,8 +111,7 @@ class MetaMACE(
                 )
             if hypers["enable_cueq"]:
                 mace = cueq.convert(mace, True)
-            self.mace = mace
-            self.head_index: int = foundation.select_head(
+            head_index = foundation.select_head(
                 mace,
                 hypers["mace_head_name"],
                 foundation.default_head(hypers["mace_model"]),
@@ -113,78 +122,34 @@ class MetaMACE(
             # the model keeps every element of the file, not only the dataset's
             self.atomic_types: List[int] = sorted(foundation.atomic_numbers(mace))
             avg_num_neighbors = float(mace.interactions[0].avg_num_neighbors)
+            if hasattr(mace, "joint_embedding"):
+                # MACE adds the energy of its embedding readout unscaled, while
+                # metatrain's scaler multiplies the readouts by the file's scale
+                _, scale = foundation.energy_baseline(mace, head_index)
+                embedding_energy_factor = 1.0 / scale
         else:
             check_head_target(self.mace_head_target, dataset_info)
             self.atomic_types = sorted(int(t) for t in dataset_info.atomic_types)
-            self.mace = build_mace(dict(hypers), self.atomic_types)
-            self.head_index = 0
+            mace = build_mace(dict(hypers), self.atomic_types)
+            head_index = 0
             avg = self.hypers["avg_num_neighbors"]
             avg_num_neighbors = 0.0 if avg is None else float(avg)
 
-        # total charge and spin of each structure (MACE-OMOL-style models)
-        self.embedding_energy_factor = 1.0
-        if hasattr(self.mace, "joint_embedding"):
-            self.conditioning = SystemConditioning(
-                self.mace.joint_embedding, dict(self.mace.embedding_specs)
-            )
-            if self.from_file:
-                # MACE adds the energy of its embedding readout unscaled, while
-                # metatrain's scaler multiplies the readouts by the file's scale
-                _, scale = foundation.energy_baseline(self.mace, self.head_index)
-                self.embedding_energy_factor = 1.0 / scale
-
-        # a faster backward pass for the e3nn tensor products (same values)
-        split_tensor_product_inputs(self.mace)
-        self.r_max = float(self.mace.r_max)
-        self.num_interactions = int(self.mace.num_interactions)
+        self.trunk = MaceTrunk(
+            mace,
+            self.atomic_types,
+            head_index,
+            avg_num_neighbors,
+            embedding_energy_factor,
+        )
+        self.r_max = self.trunk.r_max
+        self.num_interactions = self.trunk.num_interactions
         self.nl_options = NeighborListOptions(
             cutoff=self.r_max, full_list=True, strict=True
         )
-
-        # one-hot positions follow the order of MACE's own element table
-        type_to_index = torch.full((max(self.atomic_types) + 1,), -1)
-        for index, atomic_type in enumerate(foundation.atomic_numbers(self.mace)):
-            type_to_index[atomic_type] = index
-        self.register_buffer("type_to_index", type_to_index, persistent=False)
-        self.register_buffer(
-            "avg_num_neighbors", torch.tensor(avg_num_neighbors, dtype=torch.float64)
-        )
-
-        self.feature_irreps = node_feature_irreps(self.mace)
-        scalar_index: List[int] = []
-        layer_scalars: List[int] = []
-        start = 0
-        for product in self.mace.products:
-            irreps = o3.Irreps(str(product.linear.irreps_out))
-            layer_scalars.append(irreps.count(o3.Irrep("0e")))
-            for mul, irrep in irreps:
-                if irrep == o3.Irrep("0e"):
-                    scalar_index.extend(range(start, start + mul))
-                start += mul * irrep.dim
-        self.register_buffer(
-            "scalar_index", torch.tensor(scalar_index), persistent=False
-        )
-        self.layer_scalars = layer_scalars
-        self.num_scalar_features = len(scalar_index)
-        # set on --restart (the optimizer state belongs to the current backend)
-        self.loaded_for_restart = False
-        self._set_layout()
-        # irreps that the node features actually carry (see irreps_probe)
-        self.layer_irreps = [
-            o3.Irreps(str(p.linear.irreps_out)) for p in self.mace.products
-        ]
-        parameter = next(self.mace.parameters())
-        self.produced_layer_irreps = produced_irreps(
-            self._node_features,
-            self.layer_irreps,
-            len(self.atomic_types),
-            self.r_max,
-            parameter.dtype,
-            parameter.device,
-        )
-        self.produced_irreps = sum(self.produced_layer_irreps, o3.Irreps(""))
+        layout = self.trunk.layout
         self.spherical_features = SphericalFeatures(
-            self.layer_irreps, self.produced_layer_irreps
+            list(layout.layer_irreps), list(layout.produced_layer_irreps)
         )
 
         self.outputs: Dict[str, ModelOutput] = {
@@ -198,16 +163,15 @@ class MetaMACE(
                 "block per irrep (see metatrain_mace.heads.features)",
             ),
         }
-        self.heads = torch.nn.ModuleDict()
-        # targets whose head is a copy of MACE's readouts (see add_readout_head)
-        self.readout_heads = []
+        self.heads = TargetHeads(
+            layout,
+            list(self.hypers["head_hidden_sizes"]),
+            self.mace_head_target,
+            self.atomic_types,
+            dataset_info.length_unit,
+        )
+        self.assembly = OutputAssembly()
         self.target_names: List[str] = []
-        self.per_atom_targets: List[str] = []
-        self.key_labels: Dict[str, Labels] = {}
-        # layouts of atomic-basis targets (one block per atomic type), see assembly
-        self.atomic_basis_layouts: Dict[str, TensorMap] = {}
-        self.component_labels: Dict[str, List[List[Labels]]] = {}
-        self.property_labels: Dict[str, List[Labels]] = {}
         # metatrain's LLPR reads one last-layer feature size for all targets: the
         # features of every target are zero-padded to the largest size, which leaves
         # LLPR uncertainties unchanged (zero features add nothing to f^T C^-1 f)
@@ -224,9 +188,7 @@ class MetaMACE(
         self.scaler = Scaler(
             hypers=get_default_hypers("scaler")["model"], dataset_info=dataset_info
         )
-        self.single_label = Labels.single()
         self.finetune_config: Dict[str, Any] = {}
-        self.has_new_targets = False
         # built and kept in float64 whatever the default dtype (a float32 MACE file
         # is cast up losslessly): MACE's coupling coefficients cast to float32 and
         # back would keep float32 accuracy and break float64 equivariance (1e-9
@@ -242,11 +204,9 @@ class MetaMACE(
     def requested_inputs(self) -> Dict[str, ModelOutput]:
         """Per-system inputs: ``charge`` and ``spin_multiplicity`` for a MACE
         conditioned on them (see :mod:`metatrain_mace.trunk.conditioning`)."""
-        if not hasattr(self, "conditioning"):
-            return {}
         return {
             name: ModelOutput(unit="", sample_kind="system")
-            for name in self.conditioning.inputs.values()
+            for name in self.trunk.conditioning_inputs()
         }
 
     # ------------------------------------------------------------------ forward
@@ -259,26 +219,20 @@ class MetaMACE(
         result: Dict[str, TensorMap] = {}
         if len(outputs) == 0:
             return result
-        device = systems[0].positions.device
-        if self.single_label.values.device != device:
-            self._move_labels_to_device(device)
-        outputs, summed = self._per_atom_requests(outputs)
+        assembly = self.assembly
+        assembly.to_device(systems[0].positions.device)
+        outputs, summed = assembly.per_atom_requests(outputs)
 
         types, system_index, atom_index, edge_index, vectors = systems_to_graph(
             systems, self.nl_options
         )
-        species = self._check_types(types)
-        node_attrs = torch.nn.functional.one_hot(
-            species, num_classes=len(self.atomic_types)
-        ).to(vectors.dtype)
+        node_attrs = self.trunk.node_attrs(types, vectors.dtype)
         # e3nn puts the polar axis along y; feeding (y, z, x) makes every l-block of
         # the node features follow the real spherical harmonics convention of
         # metatensor (m = -l..l with z as polar axis)
         vectors = vectors[:, [1, 2, 0]]
-        conditioning: Optional[torch.Tensor] = None
-        if hasattr(self, "conditioning"):
-            conditioning = self.conditioning(systems, system_index, vectors.dtype)
-        features = self._node_features(node_attrs, edge_index, vectors, conditioning)
+        conditioning = self.trunk.condition(systems, system_index, vectors.dtype)
+        features = self.trunk(node_attrs, edge_index, vectors, conditioning)
         samples = Labels(
             ["system", "atom"],
             torch.stack([system_index, atom_index], dim=1).to(torch.int32),
@@ -292,18 +246,15 @@ class MetaMACE(
             or "mtt::aux::mace_features" in outputs
             or self._needs_heads(outputs)
         ):
-            all_features = torch.cat(features, dim=-1)
-            if self.uses_cueq:
-                all_features = all_features.index_select(1, self.feature_order)
-            scalar_features = all_features.index_select(1, self.scalar_index)
+            all_features, scalar_features = self.trunk.concatenated(features)
 
         if "feature" in outputs:
-            result["feature"] = self._features_map(
+            result["feature"] = assembly.features_map(
                 scalar_features, samples, outputs["feature"], selected_atoms
             )
 
         if "mtt::aux::mace_features" in outputs:
-            result["mtt::aux::mace_features"] = self._finish(
+            result["mtt::aux::mace_features"] = assembly.finish(
                 self.spherical_features(all_features, samples),
                 outputs["mtt::aux::mace_features"],
                 selected_atoms,
@@ -314,7 +265,7 @@ class MetaMACE(
         if head_target in self.target_names and (
             head_target in outputs or head_llf in outputs
         ):
-            energy, llf = self._mace_energy(
+            energy, llf = self.trunk.readout_energy(
                 features,
                 node_attrs,
                 edge_index,
@@ -323,11 +274,11 @@ class MetaMACE(
                 conditioning,
             )
             if head_target in outputs:
-                result[head_target] = self._as_tensor_map(
+                result[head_target] = assembly.tensor_map(
                     head_target, [energy], samples, outputs[head_target], selected_atoms
                 )
             if head_llf in outputs:
-                result[head_llf] = self._features_map(
+                result[head_llf] = assembly.features_map(
                     self._pad(llf), samples, outputs[head_llf], selected_atoms
                 )
 
@@ -335,17 +286,17 @@ class MetaMACE(
             llf_name = last_layer_features_name(name)
             if name in outputs or llf_name in outputs:
                 blocks, llf = head(all_features, scalar_features)
-                if name in self.readout_heads:
+                if name in self.heads.readout_heads:
                     # MACE adds ZBL and the embedding readout to every head
-                    blocks[0] = blocks[0] + self._extra_energy(
+                    blocks[0] = blocks[0] + self.trunk.extra_energy(
                         node_attrs, edge_index, vectors, conditioning
                     ).unsqueeze(-1)
                 if name in outputs:
-                    result[name] = self._as_tensor_map(
+                    result[name] = assembly.tensor_map(
                         name, blocks, samples, outputs[name], selected_atoms
                     )
                 if llf_name in outputs:
-                    result[llf_name] = self._features_map(
+                    result[llf_name] = assembly.features_map(
                         self._pad(llf), samples, outputs[llf_name], selected_atoms
                     )
 
@@ -356,3 +307,317 @@ class MetaMACE(
         if not self.training and head_target in result:
             check_finite(head_target, result[head_target])
         return result
+
+    def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
+        for name in self.heads.keys():
+            if name in outputs or last_layer_features_name(name) in outputs:
+                return True
+        return False
+
+    def _pad(self, last_layer_features: torch.Tensor) -> torch.Tensor:
+        """Zero-pad last-layer features to the common ``last_layer_feature_size``."""
+        missing = self.last_layer_feature_size - last_layer_features.shape[-1]
+        return torch.nn.functional.pad(last_layer_features, (0, missing))
+
+    def _add_baselines(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        result: Dict[str, TensorMap],
+        selected_atoms: Optional[Labels],
+    ) -> Dict[str, TensorMap]:
+        """Undo the target scaling and add the composition baseline (evaluation)."""
+        result = self.scaler.apply_scales(
+            systems,
+            result,
+            selected_atoms=selected_atoms,
+            use_per_target_scales=True,
+            use_per_property_scales=True,
+        )
+        for name in self.assembly.atomic_basis_layouts.keys():
+            if name in result:
+                result[name] = self.assembly.sparsify(systems, name, result[name])
+        for additive_model in self.additive_models:
+            requested: Dict[str, ModelOutput] = {}
+            for name, output in outputs.items():
+                if name in additive_model.outputs:
+                    requested[name] = output
+            contributions = additive_model(systems, requested, selected_atoms)
+            for name, contribution in contributions.items():
+                blocks: List[TensorBlock] = []
+                for key, block in result[name].items():
+                    values = block.values
+                    if key in contribution.keys:
+                        values = values + contribution.block(key).values.to(
+                            dtype=values.dtype, device=values.device
+                        )
+                    blocks.append(
+                        TensorBlock(
+                            values=values,
+                            samples=block.samples,
+                            components=block.components,
+                            properties=block.properties,
+                        )
+                    )
+                result[name] = TensorMap(result[name].keys, blocks)
+        return result
+
+    # ------------------------------------------------------------------ targets
+    def _add_output(self, name: str, info: TargetInfo) -> None:
+        """Add the head (or MACE readout) and the outputs of one target."""
+        spec = self.heads.add(name, info, self.trunk.mace.readouts)
+        self.last_layer_feature_sizes[name] = spec.last_layer_size
+        self.target_names.append(name)
+        self.outputs.update(spec.outputs)
+        self.assembly.add(spec)
+
+    def add_readout_head(self, name: str) -> None:
+        """Give the energy-like target ``name`` a copy of MACE's readouts (weights
+        included) as its head, in place of its MLP head: the new target starts
+        from the predictions of the file's head (MACE's multi-head fine-tuning)."""
+        info = self.dataset_info.targets.get(name)
+        if name not in self.heads or info is None:
+            raise ValueError(
+                f"cannot give {name!r} a copy of MACE's readout: it is not a target "
+                f"with a head of this model (targets: {self.target_names})"
+            )
+        if not info.is_scalar or len(info.layout.block().properties) != 1:
+            raise ValueError(
+                f"cannot initialise the head of {name!r} from MACE's readout of "
+                f"{self.mace_head_target!r}: the readout predicts one scalar per "
+                "atom, and this target is not a single scalar (an energy)"
+            )
+        self.last_layer_feature_sizes[name] = self.heads.add_readout_head(
+            name, self.trunk.mace.readouts, self.trunk.head_index
+        )
+        self.last_layer_feature_size = max(self.last_layer_feature_sizes.values())
+
+    def restart(
+        self, dataset_info: DatasetInfo, model_hypers: Optional[Dict[str, Any]] = None
+    ) -> "MetaMACE":
+        if self.from_file:
+            foundation.check_dataset(
+                self.trunk.mace, dataset_info, self.hypers["mace_model"], None
+            )
+        if model_hypers is not None:
+            # the backend may change between runs: the weights are the same
+            model_hypers = dict(model_hypers)
+            enable_cueq = bool(
+                model_hypers.pop("enable_cueq", self.hypers["enable_cueq"])
+            )
+            raise_if_hypers_mismatch(
+                {k: v for k, v in self.hypers.items() if k != "enable_cueq"},
+                model_hypers,
+                default_hypers=get_default_hypers(ARCHITECTURE_NAME)["model"],
+            )
+            if enable_cueq != self.trunk.uses_cueq:
+                self.set_backend(enable_cueq)
+        merged = self.dataset_info.union(dataset_info)
+        new_types = sorted(set(merged.atomic_types) - set(self.atomic_types))
+        if new_types:
+            raise ValueError(
+                f"the new dataset contains atomic types {new_types} that this model "
+                f"was not built for (it knows {self.atomic_types}); MACE cannot add "
+                "element embeddings after training started"
+            )
+        for name, info in merged.targets.items():
+            if name not in self.dataset_info.targets:
+                self._add_output(name, info)
+        self.last_layer_feature_size = max(
+            self.last_layer_feature_sizes.values(), default=0
+        )
+        self.dataset_info = merged
+        self.additive_models[0] = self.additive_models[0].restart(
+            dataset_info=DatasetInfo(
+                length_unit=dataset_info.length_unit,
+                atomic_types=self.atomic_types,
+                targets={
+                    name: info
+                    for name, info in dataset_info.targets.items()
+                    if CompositionModel.is_valid_target(name, info)
+                },
+            )
+        )
+        self.scaler = self.scaler.restart(dataset_info)
+        return self
+
+    # ------------------------------------------------------------------ trunk
+    def set_avg_num_neighbors(self, value: float) -> None:
+        """Store the neighbour-sum normalisation and push it into MACE."""
+        self.trunk.set_avg_num_neighbors(value)
+
+    def _convert_trunk(self, enable_cueq: bool) -> None:
+        """Move the trunk and the copies of MACE's readouts (readout heads) to the
+        other backend, weights included."""
+        self.trunk.convert(enable_cueq)
+        self.heads.follow_backend(self.trunk.mace.readouts)
+
+    def set_backend(self, enable_cueq: bool) -> None:
+        """Run the trunk on cuEquivariance (``True``) or e3nn, with the same
+        weights; ``hypers["enable_cueq"]`` follows."""
+        if enable_cueq != self.trunk.uses_cueq:
+            if enable_cueq and lora.adapters(self):
+                raise ValueError(
+                    "LoRA adapters run on e3nn only: set 'enable_cueq: false' to "
+                    "train or fine-tune a model with LoRA adapters"
+                )
+            self._convert_trunk(enable_cueq)
+        self.hypers = {**self.hypers, "enable_cueq": enable_cueq}
+
+    def e3nn_copy(self) -> "MetaMACE":
+        """This model with an e3nn trunk, sharing every other weight (the model
+        itself when it already runs e3nn): what checkpoints and export hold."""
+        if not self.trunk.uses_cueq:
+            return self
+        twin = tree_copy(self)
+        twin._convert_trunk(False)
+        return twin
+
+    # ------------------------------------------------------ checkpoints, export
+    def get_checkpoint(self) -> Dict[str, Any]:
+        # checkpoints hold e3nn weights whatever the backend (readable without
+        # cuEquivariance); 'enable_cueq' in the hypers records the backend
+        source = self.e3nn_copy()
+        state_dict = source.state_dict()
+        return {
+            "architecture_name": ARCHITECTURE_NAME,
+            "implementation": f"metatrain-mace {__version__}",
+            "model_ckpt_version": self.__checkpoint_version__,
+            "metadata": self.metadata,
+            "model_data": {
+                "model_hypers": self.hypers,
+                "dataset_info": self.dataset_info,
+                # a trunk loaded from a MACE file travels with the checkpoint, so
+                # that the file is not needed any more
+                "mace_trunk": source.trunk.mace if self.from_file else None,
+            },
+            "epoch": None,
+            "best_epoch": None,
+            "model_state_dict": state_dict,
+            "best_model_state_dict": state_dict,
+            "finetune_config": self.finetune_config,
+        }
+
+    @classmethod
+    def load_checkpoint(
+        cls,
+        checkpoint: Dict[str, Any],
+        context: Literal["restart", "finetune", "export"],
+    ) -> "MetaMACE":
+        if context == "restart":
+            logging.info(f"Using latest model from epoch {checkpoint['epoch']}")
+            state_dict = checkpoint["model_state_dict"]
+        elif context in ("finetune", "export"):
+            logging.info(f"Using best model from epoch {checkpoint['best_epoch']}")
+            state_dict = checkpoint["best_model_state_dict"]
+            if state_dict is None:
+                state_dict = checkpoint["model_state_dict"]
+        else:
+            raise ValueError(f"unknown checkpoint loading context {context!r}")
+
+        model_data = checkpoint["model_data"]
+        hypers = model_data["model_hypers"]
+        model = cls.with_architecture(model_data, checkpoint.get("finetune_config"))
+        model.set_weights(state_dict)
+        if hypers.get("enable_cueq") and context != "export":
+            if context == "finetune" and not backend.cueq_available():
+                logging.info(
+                    "The checkpoint was trained with cuEquivariance, which is not "
+                    "installed: fine-tuning on e3nn (same weights)"
+                )
+            else:
+                model.set_backend(True)
+        model.finetune_config = checkpoint.get("finetune_config", {})
+        model.metadata = merge_metadata(model.metadata, checkpoint.get("metadata"))
+        return model
+
+    @classmethod
+    def with_architecture(
+        cls, model_data: Dict[str, Any], finetune_config: Optional[Dict[str, Any]]
+    ) -> "MetaMACE":
+        """An e3nn model of the architecture recorded in a checkpoint's
+        ``model_data`` and ``finetune_config``, with fresh weights."""
+        hypers = model_data["model_hypers"]
+        model = cls(
+            {**hypers, "enable_cueq": False},
+            model_data["dataset_info"],
+            mace=model_data.get("mace_trunk"),
+        )
+        # readout heads and LoRA adapters are modules of their own: insert them
+        # before the weights (in the order fine-tuning added them)
+        restore_readout_heads(model, finetune_config)
+        lora.restore_adapters(model, finetune_config or {})
+        return model
+
+    def set_weights(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Load e3nn weights (of a checkpoint or an exported model), in their dtype."""
+        dtype = state_dict["trunk.avg_num_neighbors"].dtype
+        self.to(dtype).load_state_dict(state_dict)
+        if float(self.trunk.avg_num_neighbors) > 0:
+            self.trunk.set_avg_num_neighbors(float(self.trunk.avg_num_neighbors))
+        self.additive_models[0].sync_tensor_maps()
+        self.scaler.sync_tensor_maps()
+
+    @classmethod
+    def upgrade_checkpoint(cls, checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+        return checkpoints.upgrade(
+            checkpoint, "model", cls.__checkpoint_version__, checkpoints.MODEL_UPDATES
+        )
+
+    def __prepare_scriptable__(self) -> "MetaMACE":
+        """A shallow copy whose e3nn/MACE submodules are compiled as e3nn requires.
+
+        ``torch.jit.script`` (used by metatomic to save the exported model) calls this
+        first; e3nn modules cannot be scripted directly. The copy shares the
+        parameters and leaves this model usable in eager mode.
+        """
+        return compiled_copy(self, drop=[("trunk.mace", "joint_embedding")])
+
+    def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
+        if self.trunk.uses_cueq:
+            # TorchScript cannot compile cuEquivariance's modules in reasonable
+            # time (and metatomic's engines load TorchScript): export on e3nn
+            logging.info(
+                "Exporting with the e3nn backend (same weights): the exported "
+                "model is TorchScript, which cuEquivariance's modules are not"
+            )
+            e3nn = self.e3nn_copy()
+            dtype = next(self.parameters()).dtype
+            e3nn.trunk.check_parity(
+                self.trunk, 1e-10 if dtype == torch.float64 else 1e-4
+            )
+            return e3nn.export(metadata)
+        dtype = next(self.parameters()).dtype
+        if dtype not in self.__supported_dtypes__:
+            raise ValueError(f"unsupported dtype {dtype} for metatrain-mace")
+        self.to(dtype)
+        # the composition weights are TensorMaps that torch cannot move by itself
+        self.additive_models[0].weights_to(torch.device("cpu"), torch.float64)
+        capabilities = ModelCapabilities(
+            outputs=self.outputs,
+            atomic_types=self.atomic_types,
+            interaction_range=self.num_interactions * self.r_max,
+            length_unit=self.dataset_info.length_unit,
+            supported_devices=self.__supported_devices__,
+            dtype=dtype_to_str(dtype),
+        )
+        # metatomic freezes the parameters of what it wraps: give it a copy sharing
+        # the weights, so that this model can still be trained afterwards
+        module = tree_copy(self).eval()
+        # what tools that look inside the model need to rebuild it in Python
+        record = records.record(
+            self.hypers,
+            self.dataset_info,
+            self.trunk.mace if self.from_file else None,
+            self.finetune_config,
+        )
+        setattr(module, records.ATTRIBUTE, record)
+        exported = AtomisticModel(
+            module,
+            merge_metadata(self.metadata, metadata),
+            capabilities,
+        )
+        # whoever saves it (metatrain's mtt train and mtt export, this package)
+        # writes a temporary file and renames it: a crash leaves no half model
+        exported.save = types.MethodType(save_model_atomically, exported)
+        return exported

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Sequence, Union
 import torch
 
 from metatrain_mace.mace_import import e3nn_jit, o3
+from metatrain_mace.parameter_names import model_name, user_name
 
 
 #: key of ``finetune_config`` listing the adapted modules
@@ -166,9 +167,10 @@ def make_adapter(module: torch.nn.Module, rank: int, alpha: float) -> Adapter:
 
 
 def adapters(model: torch.nn.Module) -> Dict[str, Adapter]:
-    """The adapters of ``model``, by module name."""
+    """The adapters of ``model``, by module name (as users write it, see
+    :mod:`metatrain_mace.parameter_names`)."""
     return {
-        name: module
+        user_name(name): module
         for name, module in model.named_modules()
         if isinstance(module, ADAPTER_TYPES)
     }
@@ -179,6 +181,7 @@ def _linear_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
     inside = [name + "." for name in adapters(model)]
     layers: Dict[str, torch.nn.Module] = {}
     for name, module in model.named_modules():
+        name = user_name(name)
         if any(name.startswith(prefix) for prefix in inside):
             continue
         if isinstance(module, ADAPTER_TYPES + (o3.Linear, torch.nn.Linear)):
@@ -199,7 +202,7 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def _set_submodule(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
+    parent_name, _, child = model_name(name).rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
 
@@ -266,7 +269,7 @@ def restore_adapters(
     """
     record = (finetune_config or {}).get(RECORD_KEY) or {}
     for name, settings in record.items():
-        module = model.get_submodule(name)
+        module = model.get_submodule(model_name(name))
         if isinstance(module, ADAPTER_TYPES):
             continue
         _set_submodule(

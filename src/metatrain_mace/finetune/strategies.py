@@ -1,16 +1,20 @@
 """Fine-tuning strategies: which parameters train when starting from a checkpoint."""
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
 from metatrain_mace.finetune import lora
+from metatrain_mace.parameter_names import user_name
 
 
 #: key of ``finetune_config`` listing the targets whose head is a copy of MACE's
 #: readouts, so that loading a checkpoint rebuilds them before its weights
 READOUT_HEADS_KEY = "readout_heads"
+#: key of ``finetune_config`` listing every head that ``inherit_heads`` filled in
+#: this or an earlier fine-tuning: a later round keeps their trained weights
+INHERITED_KEY = "inherited_heads"
 
 
 def apply_finetuning(
@@ -34,7 +38,7 @@ def apply_finetuning(
             "'full', 'heads' or 'lora'"
         )
     # new heads first: the method then decides whether they train
-    inherit_heads(model, strategy.get("inherit_heads") or {})
+    inherited = inherit_heads(model, strategy.get("inherit_heads") or {})
     # requires_grad_ (not the attribute) so that MACE's EmptyParam stays frozen
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -45,6 +49,7 @@ def apply_finetuning(
         )
         matched = False
         for name, parameter in model.named_parameters():
+            name = user_name(name)
             parameter.requires_grad_(any(name.startswith(p) for p in prefixes))
             matched = matched or parameter.requires_grad
         if not matched:
@@ -56,8 +61,10 @@ def apply_finetuning(
         _apply_lora(model, strategy.get("config") or {})
 
     model.finetune_config = dict(strategy)
-    if model.readout_heads:
-        model.finetune_config[READOUT_HEADS_KEY] = list(model.readout_heads)
+    if model.heads.readout_heads:
+        model.finetune_config[READOUT_HEADS_KEY] = list(model.heads.readout_heads)
+    if inherited:
+        model.finetune_config[INHERITED_KEY] = inherited
     # adapters stay part of the model whatever later fine-tuning does: the record
     # lets load_checkpoint insert them again before loading the weights
     record = lora.adapter_record(model)
@@ -71,16 +78,31 @@ def apply_finetuning(
     return model
 
 
-def inherit_heads(model: torch.nn.Module, inherit: Dict[str, str]) -> None:
-    """Initialise the heads of new targets from those of existing ones.
+def earlier_copies(finetune_config: Dict[str, Any]) -> List[str]:
+    """The heads that an earlier fine-tuning filled in from another target (the
+    readout copies and every head of ``inherit_heads``), from the record of the
+    checkpoint the model was loaded from."""
+    config = finetune_config or {}
+    names = list(config.get(READOUT_HEADS_KEY) or [])
+    names += list(config.get(INHERITED_KEY) or [])
+    names += list((config.get("inherit_heads") or {}).keys())
+    return sorted(set(names))
+
+
+def inherit_heads(model: torch.nn.Module, inherit: Dict[str, str]) -> List[str]:
+    """Initialise the heads of new targets from those of existing ones; returns
+    every head filled in so far, in this or an earlier fine-tuning.
 
     A head of another target is copied weight for weight. MACE's own readout
     (``mace_head_target``) is copied as a
     :class:`~metatrain_mace.heads.blocks.ReadoutHead`:
     the new target starts from the predictions of the file's head and, trained on
     its own data while the original target keeps training on replay data, forms
-    MACE's multi-head fine-tuning.
+    MACE's multi-head fine-tuning. A head that an earlier fine-tuning filled in
+    (a second replay round with the same ``inherit_heads``) keeps its trained
+    weights, with a warning.
     """
+    earlier = earlier_copies(model.finetune_config)
     for destination, source in inherit.items():
         if destination not in model.heads:
             raise ValueError(
@@ -88,6 +110,15 @@ def inherit_heads(model: torch.nn.Module, inherit: Dict[str, str]) -> None:
                 f"{destination!r} is not a new target of the training set (targets "
                 f"with a head: {list(model.heads.keys())})"
             )
+        if destination in earlier:
+            logging.warning(
+                f"'inherit_heads' asks to fill the head of {destination!r} from "
+                f"{source!r}, but {destination!r} was filled in and trained by an "
+                "earlier fine-tuning of this checkpoint: its trained weights are "
+                f"kept. Remove {destination!r} from 'inherit_heads' to silence this, "
+                "or name a new target to start another copy."
+            )
+            continue
         if source == model.mace_head_target:
             model.add_readout_head(destination)
             logging.info(
@@ -103,6 +134,7 @@ def inherit_heads(model: torch.nn.Module, inherit: Dict[str, str]) -> None:
                 f"({model.mace_head_target!r}) nor a target with a head "
                 f"({list(model.heads.keys())})"
             )
+    return sorted(set(earlier) | set(inherit))
 
 
 def restore_readout_heads(
@@ -116,7 +148,7 @@ def restore_readout_heads(
 
 def _apply_lora(model: torch.nn.Module, config: Dict[str, Any]) -> None:
     """Insert the adapters and train only them and ``trainable_modules``."""
-    if getattr(model, "uses_cueq", False):
+    if model.trunk.uses_cueq:
         raise ValueError(
             "LoRA fine-tuning runs on e3nn only (its adapters wrap e3nn linears): "
             "set 'enable_cueq: false' in the model hyperparameters"
@@ -148,4 +180,5 @@ def _apply_lora(model: torch.nn.Module, config: Dict[str, Any]) -> None:
     ]
     prefixes = adapted + [prefix.rstrip(".") + "." for prefix in trainable]
     for name, parameter in model.named_parameters():
+        name = user_name(name)
         parameter.requires_grad_(any(name.startswith(p) for p in prefixes))

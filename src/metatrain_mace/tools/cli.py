@@ -121,8 +121,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     from metatrain_mace.tools.export import export_mace_model
 
     try:
-        export_mace_model(args.path, args.output, head=args.head, dtype=args.dtype)
-    except (FileNotFoundError, ValueError) as err:
+        export_mace_model(
+            args.path,
+            args.output,
+            head=args.head,
+            dtype=args.dtype,
+            source="the PATH argument of metatrain-mace export",
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        # RuntimeError: a foundation model name that cannot be downloaded
         parser.exit(2, f"metatrain-mace export: error: {err}\n")
     logging.info(f"exported {args.path} to {args.output}")
 
@@ -139,11 +146,15 @@ def _precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     )
 
     try:
-        model = load_for_report(args.model, head=args.head)
+        model = load_for_report(
+            args.model,
+            head=args.head,
+            source="the MODEL argument of metatrain-mace precision",
+        )
         frames = ase.io.read(args.structures, ":")
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
         rows = precision_report(model, frames, dtypes, backend=args.backend)
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as err:
         parser.exit(2, f"metatrain-mace precision: error: {err}\n")
     logging.info(f"wrote {write_csv(rows, args.output)}")
     if args.plot is not None:

@@ -5,6 +5,7 @@ and the file as ``mace_model``: the same trunk, the file's E0s, shift and scale 
 composition baseline and scaler, and every element the file knows.
 """
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,10 @@ def mace_file_to_model(
     dtype: str = "float64",
     energy_unit: str = "eV",
     length_unit: str = "angstrom",
+    source: str = "'path'",
+    checkpoint_advice: str = (
+        "to export a checkpoint written by mtt train, use 'mtt export CHECKPOINT'."
+    ),
 ) -> MetaMACE:
     """A :class:`MetaMACE` predicting the energy of one head of a MACE model file.
 
@@ -37,10 +42,12 @@ def mace_file_to_model(
     :param dtype: ``"float64"`` or ``"float32"``.
     :param energy_unit: unit of the file's energies (mace-torch works in eV).
     :param length_unit: unit of the file's lengths (mace-torch works in Å).
+    :param source: where the user named the file, for the messages.
+    :param checkpoint_advice: what to do when the file is a checkpoint.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    mace = load_mace_file(path)
+    mace = load_mace_file(path, source, checkpoint_advice)
     hypers = get_default_hypers(ARCHITECTURE_NAME)
     hypers["model"].update({"mace_model": str(path), "mace_head_name": head})
     energy = get_energy_target_info(
@@ -58,7 +65,9 @@ def mace_file_to_model(
     model.to(DTYPES[dtype])
     training = dict(hypers["training"])
     training["batch_size"] = 1
-    fit_baselines(model, training, train_datasets=[], checkpoint_dir="")
+    # metatrain writes the baselines' checkpoints: not into the user's folder
+    with tempfile.TemporaryDirectory() as folder:
+        fit_baselines(model, training, train_datasets=[], checkpoint_dir=folder)
     return model.eval()
 
 
@@ -68,6 +77,7 @@ def export_mace_model(
     head: Optional[str] = None,
     dtype: str = "float64",
     metadata: Optional[ModelMetadata] = None,
+    source: str = "'path'",
 ) -> AtomisticModel:
     """Export a MACE model file as a metatomic model, and save it to ``output``.
 
@@ -77,9 +87,11 @@ def export_mace_model(
     :param head: head of a multi-head file; ``None`` for single-head files.
     :param dtype: ``"float64"`` or ``"float32"``.
     :param metadata: metadata of the exported model.
+    :param source: where the user named the file, for the messages.
     :return: the exported model.
     """
-    exported = mace_file_to_model(path, head=head, dtype=dtype).export(metadata)
+    model = mace_file_to_model(path, head=head, dtype=dtype, source=source)
+    exported = model.export(metadata)
     if output is not None:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         exported.save(str(output))  # atomic: see MetaMACE.export

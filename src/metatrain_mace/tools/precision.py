@@ -70,37 +70,37 @@ def _errors(
 
 def _stages(model: torch.nn.Module, graph: Dict) -> List[Tuple[str, List[str], Stage]]:
     """The blocks of the trunk in the order the model runs them: name, names of
-    their float inputs, and how to run them on a model (``model.mace`` is the
+    their float inputs, and how to run them on a model (``model.trunk.mace`` is the
     trunk). Each returns its outputs by name; these are the inputs of the blocks
     after it (``None`` for an output the block does not make)."""
     node_attrs = graph["node_attrs"]
     edge_index = graph["edge_index"]
-    head_index = model.head_index
+    head_index = model.trunk.head_index
 
     def embedding(m: torch.nn.Module, x: Tensors) -> Outputs:
         vectors = x["vectors"]
         dtype = vectors.dtype
         lengths = torch.linalg.norm(vectors, dim=-1, keepdim=True)
         attrs = node_attrs.to(dtype)
-        node_feats = m.mace.node_embedding(attrs)
-        if hasattr(m, "conditioning"):
+        node_feats = m.trunk.mace.node_embedding(attrs)
+        if hasattr(m.trunk, "conditioning"):
             # total charge and spin, embedded by the model's own weights
-            node_feats = node_feats + m.conditioning(
+            node_feats = node_feats + m.trunk.conditioning(
                 graph["systems"], graph["system_index"], dtype
             )
-        edge_feats, cutoff = m.mace.radial_embedding(
-            lengths, attrs, edge_index, m.mace.atomic_numbers
+        edge_feats, cutoff = m.trunk.mace.radial_embedding(
+            lengths, attrs, edge_index, m.trunk.mace.atomic_numbers
         )
         return {
             "node_feats": node_feats,
-            "edge_attrs": m.mace.spherical_harmonics(vectors),
+            "edge_attrs": m.trunk.mace.spherical_harmonics(vectors),
             "edge_feats": edge_feats,
             "cutoff": cutoff,
         }
 
     def interaction(i: int) -> Stage:
         def run(m: torch.nn.Module, x: Tensors) -> Outputs:
-            message, sc = m.mace.interactions[i](
+            message, sc = m.trunk.mace.interactions[i](
                 node_attrs=node_attrs.to(x["node_feats"].dtype),
                 node_feats=x["node_feats"],
                 edge_attrs=x["edge_attrs"],
@@ -115,7 +115,7 @@ def _stages(model: torch.nn.Module, graph: Dict) -> List[Tuple[str, List[str], S
 
     def product(i: int) -> Stage:
         def run(m: torch.nn.Module, x: Tensors) -> Outputs:
-            out = m.mace.products[i](
+            out = m.trunk.mace.products[i](
                 node_feats=x["message"],
                 sc=x.get("sc"),
                 node_attrs=node_attrs.to(x["message"].dtype),
@@ -128,13 +128,13 @@ def _stages(model: torch.nn.Module, graph: Dict) -> List[Tuple[str, List[str], S
         def run(m: torch.nn.Module, x: Tensors) -> Outputs:
             feats = x["node_feats"]
             heads = torch.full((feats.shape[0],), head_index, dtype=torch.int64)
-            return {f"readout.{i}": m.mace.readouts[i](feats, heads)}
+            return {f"readout.{i}": m.trunk.mace.readouts[i](feats, heads)}
 
         return run
 
     stages: List[Tuple[str, List[str], Stage]] = [("embedding", ["vectors"], embedding)]
-    n_layers = len(model.mace.interactions)
-    n_readouts = len(model.mace.readouts)
+    n_layers = len(model.trunk.mace.interactions)
+    n_readouts = len(model.trunk.mace.readouts)
     for i in range(n_layers):
         stages.append(
             (
@@ -216,9 +216,8 @@ def _graph(model: torch.nn.Module, systems: list) -> Dict:
     types, system_index, _, edge_index, vectors = systems_to_graph(
         systems, model.nl_options
     )
-    species = model._check_types(types)
     return {
-        "node_attrs": torch.nn.functional.one_hot(species, len(model.atomic_types)),
+        "node_attrs": model.trunk.node_attrs(types, torch.float64),
         "edge_index": edge_index,
         # e3nn's (y, z, x) order, as in MetaMACE.forward
         "vectors": vectors[:, [1, 2, 0]].to(torch.float64),
@@ -365,7 +364,9 @@ def plot_report(rows: Sequence[Row], path: str) -> Path:
     return path
 
 
-def load_for_report(path: str, head: Optional[str] = None) -> torch.nn.Module:
+def load_for_report(
+    path: str, head: Optional[str] = None, source: str = "'path'"
+) -> torch.nn.Module:
     """A checkpoint (``.ckpt``), an exported model (``.pt``, written by this
     package) or a MACE model file, as a model in its own dtype.
 
@@ -389,7 +390,13 @@ def load_for_report(path: str, head: Optional[str] = None) -> torch.nn.Module:
         return load_model(str(file)).to(torch.float64).eval()
     from metatrain_mace.tools.export import mace_file_to_model
 
-    return mace_file_to_model(str(file), head=head, dtype="float64")
+    return mace_file_to_model(
+        str(file),
+        head=head,
+        dtype="float64",
+        source=source,
+        checkpoint_advice="give a checkpoint written by mtt train a '.ckpt' name.",
+    )
 
 
 __all__ = [

@@ -1,100 +1,23 @@
-"""What an exported model records to be rebuilt in Python, as plain JSON.
+"""The Python model of an exported model, rebuilt from its record.
 
-An exported (TorchScript) model runs as a whole; tools that look inside the model
-(the per-block precision report, :mod:`metatrain_mace.tools.precision`) need the Python
-model back. Every export of this package stores, in a string attribute
-``provenance`` of the wrapped module, the model hypers, the dataset info (target
-layouts as metatensor buffers), the constructor arguments of a trunk that came
-from a MACE file, and the fine-tuning record (readout heads, LoRA adapters). The
-weights are the exported module's own. Nothing in the record is a pickle: reading
-it imports only mace-torch's classes, by name.
+Every export of this package stores a record of the model (written by
+:func:`metatrain_mace.records.record`: hypers, dataset info, the constructor
+arguments of a trunk from a MACE file, the fine-tuning record) in the exported
+module; :func:`rebuild` reads it and loads the exported module's own weights.
 """
 
-import base64
 import json
-import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
-import metatensor.torch as mts
 import metatomic.torch  # noqa: F401 (metatomic's TorchScript classes, for torch.jit.load)
 import torch
 from metatrain.utils.data import DatasetInfo
-from metatrain.utils.data.target_info import TargetInfo
-from omegaconf import OmegaConf
 
-from metatrain_mace._version import __version__
+from metatrain_mace import parameter_names
+from metatrain_mace.model import MetaMACE
+from metatrain_mace.records import ATTRIBUTE, FORMAT, target_info
 from metatrain_mace.trunk import mace_args
-
-
-if TYPE_CHECKING:
-    from metatrain_mace.model import MetaMACE
-
-#: version of the record's layout
-FORMAT = 1
-#: name of the string attribute holding the record in the exported module
-ATTRIBUTE = "provenance"
-
-
-def _plain(value: Any) -> Any:
-    """JSON-compatible copy of hypers and configs (OmegaConf containers too)."""
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _target(info: TargetInfo) -> Dict[str, str]:
-    layout = mts.save_buffer(info.layout).numpy().tobytes()
-    return {
-        "quantity": info.quantity,
-        "unit": info.unit,
-        "description": info.description,
-        "layout": base64.b64encode(layout).decode("ascii"),
-    }
-
-
-def _target_info(plain: Dict[str, str]) -> TargetInfo:
-    raw = bytearray(base64.b64decode(plain["layout"]))
-    layout = mts.load_buffer(torch.frombuffer(raw, dtype=torch.uint8))
-    return TargetInfo(
-        layout=layout,
-        quantity=plain["quantity"],
-        unit=plain["unit"],
-        description=plain["description"],
-    )
-
-
-def record(model: "MetaMACE") -> str:
-    """The record of an e3nn ``model``, as a JSON string."""
-    info = model.dataset_info
-    trunk, error = None, None
-    if model.from_file:
-        try:
-            trunk = mace_args.record(model.mace)
-        except ValueError as err:
-            # the export itself must not fail for it: only the rebuild will
-            error = str(err)
-            logging.info(f"the exported model cannot be rebuilt in Python: {error}")
-    return json.dumps(
-        {
-            "format": FORMAT,
-            "written_by": f"metatrain-mace {__version__}",
-            "model_hypers": _plain(dict(model.hypers)),
-            "dataset_info": {
-                "length_unit": info.length_unit,
-                "atomic_types": [int(t) for t in info.atomic_types],
-                "targets": {k: _target(v) for k, v in info.targets.items()},
-                "extra_data": {k: _target(v) for k, v in info.extra_data.items()},
-            },
-            "mace_trunk": trunk,
-            "mace_trunk_error": error,
-            "finetune_config": _plain(model.finetune_config),
-        }
-    )
 
 
 def read(path: str) -> Dict[str, Any]:
@@ -118,17 +41,15 @@ def read(path: str) -> Dict[str, Any]:
     return plain
 
 
-def rebuild(path: str) -> "MetaMACE":
+def rebuild(path: str) -> MetaMACE:
     """The Python (e3nn) model of an exported model, with its weights and dtype."""
-    from metatrain_mace.model import MetaMACE
-
     plain = read(path)
     info = plain["dataset_info"]
     dataset_info = DatasetInfo(
         length_unit=info["length_unit"],
         atomic_types=info["atomic_types"],
-        targets={k: _target_info(v) for k, v in info["targets"].items()},
-        extra_data={k: _target_info(v) for k, v in info["extra_data"].items()},
+        targets={k: target_info(v) for k, v in info["targets"].items()},
+        extra_data={k: target_info(v) for k, v in info["extra_data"].items()},
     )
     if plain.get("mace_trunk_error"):
         raise ValueError(
@@ -147,13 +68,17 @@ def rebuild(path: str) -> "MetaMACE":
         },
         plain["finetune_config"],
     )
-    model.set_weights(_weights(model, plain["state_dict"]))
+    state_dict = plain["state_dict"]
+    if "trunk.avg_num_neighbors" not in state_dict:
+        # exported before model version 5, where the trunk had no module of its own
+        state_dict = parameter_names.to_version_5(state_dict)
+    model.set_weights(_weights(model, state_dict))
     model.finetune_config = plain["finetune_config"]
     return model.eval()
 
 
 def _weights(
-    model: "MetaMACE", exported: Dict[str, torch.Tensor]
+    model: MetaMACE, exported: Dict[str, torch.Tensor]
 ) -> Dict[str, torch.Tensor]:
     """The exported weights under the names of ``model``'s state.
 
@@ -181,10 +106,12 @@ def is_exported(path: Path) -> bool:
     """Whether ``path`` is a TorchScript archive (an exported model)."""
     import zipfile
 
-    if not zipfile.is_zipfile(path):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        # not a zip archive, or one cut short: not an exported model
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("constants.pkl") for name in archive.namelist())
 
 
-__all__ = ["ATTRIBUTE", "is_exported", "read", "rebuild", "record"]
+__all__ = ["ATTRIBUTE", "is_exported", "read", "rebuild"]

@@ -8,11 +8,12 @@ exactly. Values the user gives in ``atomic_baseline`` / ``fixed_scaling_weights`
 win over the file's.
 """
 
+import copy
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Tuple, Union
 
 import metatensor.torch as mts
 import numpy as np
@@ -22,6 +23,7 @@ from metatrain.composition import train_or_load_composition_model
 from metatrain.scaler import train_or_load_scaler
 from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
+from metatrain_mace.train import distributed
 from metatrain_mace.trunk.foundation import energy_baseline
 
 
@@ -43,7 +45,7 @@ def fixed_weights_from_file(
     target = model.mace_head_target
     if not model.from_file or target not in model.dataset_info.targets:
         return atomic_baseline, scaling_weights
-    offsets, scale = energy_baseline(model.mace, model.head_index)
+    offsets, scale = energy_baseline(model.trunk.mace, model.trunk.head_index)
     if not isinstance(atomic_baseline, str):
         user = atomic_baseline.get(target)
         if isinstance(user, dict):
@@ -56,6 +58,41 @@ def fixed_weights_from_file(
     if not isinstance(scaling_weights, str):
         scaling_weights = {target: scale, **scaling_weights}
     return atomic_baseline, scaling_weights
+
+
+def set_up_baselines(
+    model: Any,
+    hypers: Dict[str, Any],
+    train_datasets: List[Any],
+    checkpoint_dir: str,
+    context: distributed.Context,
+) -> Tuple[Any, Any]:
+    """Fit the baselines of ``model`` (see :func:`fit_baselines`) and return CPU
+    float64 copies of its composition models and scaler for the collate
+    functions.
+
+    Rank 0 fits the baselines (and writes their checkpoints); every rank then
+    takes rank 0's weights, baselines and scales."""
+    if context.is_main:
+        fit_baselines(model, hypers, train_datasets, checkpoint_dir)
+    distributed.broadcast_state(model, context)
+    return collate_copies(model, context.device)
+
+
+def collate_copies(model: Any, device: torch.device) -> Tuple[Any, Any]:
+    """CPU float64 copies of the composition models and the scaler of ``model``,
+    used by the collate functions; the model's own stay on ``device``."""
+    model.additive_models[0].weights_to(device="cpu", dtype=torch.float64)
+    additive_models = copy.deepcopy(
+        model.additive_models.to(dtype=torch.float64, device="cpu")
+    )
+    model.additive_models.to(device)
+    model.additive_models[0].weights_to(device=device, dtype=torch.float64)
+    model.scaler.scales_to(device="cpu", dtype=torch.float64)
+    scaler = copy.deepcopy(model.scaler.to(dtype=torch.float64, device="cpu"))
+    model.scaler.to(device)
+    model.scaler.scales_to(device=device, dtype=torch.float64)
+    return additive_models, scaler
 
 
 def fit_baselines(
@@ -167,16 +204,16 @@ def inherited_scales(model: Any, scaling_weights: FixedWeights) -> FixedWeights:
     alike in the loss. A scale fitted on the energies of the new data alone can be
     far smaller (small energy spread) and would blow up the weight of its forces.
     """
-    if isinstance(scaling_weights, str) or not model.readout_heads:
+    if isinstance(scaling_weights, str) or not model.heads.readout_heads:
         return scaling_weights
     source = model.mace_head_target
     if model.from_file:
-        _, scale = energy_baseline(model.mace, model.head_index)
+        _, scale = energy_baseline(model.trunk.mace, model.trunk.head_index)
     else:
         scales = model.scaler.model.per_target_scales[source]
         scale = float(scales.block().values.reshape(-1)[0])
     inherited = {
-        name: scale for name in model.readout_heads if name not in scaling_weights
+        name: scale for name in model.heads.readout_heads if name not in scaling_weights
     }
     for name in inherited:
         logging.info(
@@ -203,7 +240,7 @@ def estimated_baselines(
     """
     if isinstance(atomic_baseline, str) or isinstance(scaling_weights, str):
         return atomic_baseline
-    names = [name for name in model.readout_heads if name not in atomic_baseline]
+    names = [name for name in model.heads.readout_heads if name not in atomic_baseline]
     if not names:
         return atomic_baseline
     source = model.mace_head_target

@@ -206,3 +206,87 @@ class SkipStructureLines(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Skipping this structure" not in record.getMessage()
+
+
+GRADIENTS = (("forces", "positions"), ("stress", "strain"), ("virial", "strain"))
+"""The gradient sections of an energy target and the gradient each one fills."""
+
+
+def check_energy_gradients(target: Any, info: Any) -> None:
+    """Refuse forces, stress or virial that metatrain's reader dropped for a whole
+    file, when the options ask for them under a key of their own, or when only
+    some structures lack them (see :func:`missing_gradient_message`).
+
+    metatrain reads an energy's gradients for every structure of a file at once
+    and, when one structure lacks them, drops them for the whole file with only a
+    warning ("No forces found in section 'energy'"): a misspelt key trains
+    without forces. Called (by the import hook) with the energy section of the
+    options and what metatrain read; reads the file again only in that case."""
+    for kind, parameter in GRADIENTS:
+        section = target.get(kind) if hasattr(target, "get") else None
+        if not section or parameter in info.gradients:
+            continue
+        message = missing_gradient_message(
+            str(section["read_from"]), str(section["key"]), kind
+        )
+        if message is not None:
+            raise ValueError(message)
+
+
+def missing_gradient_message(filename: str, key: str, kind: str) -> Optional[str]:
+    """Why the ``kind`` (forces, stress, virial) under ``key`` cannot be read from
+    ``filename``, or None when no structure has them under their default name
+    (energies only: metatrain's warning is enough)."""
+    from metatrain.utils.data.readers.ase import read
+
+    frames = read(filename, ":")
+    per_atom = kind == "forces"
+    has = [key in (atoms.arrays if per_atom else atoms.info) for atoms in frames]
+    where = "per-atom arrays" if per_atom else "per-structure values"
+    if not any(has):
+        if key == kind:
+            return None
+        found: List[str] = []
+        for atoms in frames:
+            names = atoms.arrays if per_atom else atoms.info
+            found += [n for n in names if n not in ("numbers", "positions", *found)]
+        return (
+            f"no structure of '{filename}' has {kind} under the key {key!r} "
+            f"('{kind}: key: {key}' in the options): its {where} are {found}. "
+            f"Set the key of '{kind}' to the name the file uses."
+        )
+    missing = [i for i, present in enumerate(has) if not present]
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:10])
+        more = "" if len(missing) <= 10 else f" and {len(missing) - 10} more"
+        return (
+            f"{len(missing)} of the {len(frames)} structures of '{filename}' have no "
+            f"{kind} under the key {key!r} (structures {shown}{more}, 0-based): "
+            f"metatrain would drop the {kind} of every structure of the file. Mark "
+            f"a missing value with NaN ({kind} of NaN in those structures): the loss "
+            "skips NaN and the other structures keep theirs; or remove those "
+            "structures."
+        )
+    if kind == "stress":
+        flat = [i for i, atoms in enumerate(frames) if atoms.cell.volume == 0]
+        flat = [i for i in flat if not np.isnan(np.asarray(frames[i].info[key])).all()]
+        if flat:
+            shown = ", ".join(str(i) for i in flat[:10])
+            return (
+                f"structures {shown} of '{filename}' (0-based) have a stress but no "
+                "cell: a stress needs a periodic cell, and metatrain would drop the "
+                "stress of every structure of the file. Give them NaN stress (the "
+                "loss skips it) or a cell."
+            )
+    # every structure has the key: metatrain refused the values themselves
+    from metatrain.utils.data.readers import ase as reader
+
+    try:
+        getattr(reader, f"_read_{kind}_ase")(filename, key)
+    except Exception as error:
+        return (
+            f"metatrain cannot read the {kind} of '{filename}' under the key "
+            f"{key!r} ({error}) and would drop them for every structure of the "
+            f"file. Fix those values (NaN marks a missing one)."
+        )
+    return None

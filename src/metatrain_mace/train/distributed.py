@@ -192,8 +192,8 @@ def broadcast_state(model: Any, context: Context) -> None:
     state = broadcast_object(state, context)
     if not context.is_main:
         model.load_state_dict(state)
-        if float(model.avg_num_neighbors) > 0:
-            model.set_avg_num_neighbors(float(model.avg_num_neighbors))
+        if float(model.trunk.avg_num_neighbors) > 0:
+            model.set_avg_num_neighbors(float(model.trunk.avg_num_neighbors))
         model.additive_models[0].sync_tensor_maps()
         model.scaler.sync_tensor_maps()
 
@@ -236,6 +236,37 @@ def shard(dataset: Any, context: Context) -> Any:
         return dataset
     indices = list(range(context.rank, len(dataset), context.world_size))
     return torch.utils.data.Subset(dataset, indices)
+
+
+def check_shares(datasets: List[Any], context: Context) -> None:
+    """Refuse a run whose processes would get no training structure, before any
+    training; warn about sets too small to give each process one.
+
+    Each process trains on an equal share of whole structures of every set (see
+    :func:`training_samplers`): a set of fewer structures than processes gives
+    none, and with all sets so small every process would log a zero loss and
+    export an untrained model."""
+    if not context.enabled:
+        return
+    processes = context.world_size
+    sizes = [len(dataset) for dataset in datasets]
+    if sum(n // processes for n in sizes) == 0:
+        raise ValueError(
+            f"{processes} training processes for {sum(sizes)} training structures "
+            f"(per training set: {sizes}): each process trains on an equal share "
+            "of whole structures, and this leaves every process without any. "
+            f"Start at most {max(sizes, default=0)} processes (torchrun "
+            "--nproc-per-node, or the number of SLURM tasks), or add training "
+            "structures."
+        )
+    for d, n in enumerate(sizes):
+        if 0 < n < processes:
+            logging.warning(
+                f"training set {d} has {n} structures for {processes} processes: "
+                "each process trains on an equal share of whole structures, so "
+                "this set is left out of training. Add structures to it or start "
+                "fewer processes."
+            )
 
 
 def training_samplers(datasets: List[Any], context: Context) -> List[Any]:

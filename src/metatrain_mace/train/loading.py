@@ -12,13 +12,34 @@ nothing is loaded into memory that was not there before.
 """
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from metatensor.learn.data import group_and_join
 from metatensor.torch import TensorMap
 from metatomic.torch import System
-from metatrain.utils.data import CollateFn, Dataset, unpack_batch
+from metatrain.utils.additive import get_remove_additive_transform
+from metatrain.utils.data import (
+    CollateFn,
+    CombinedDataLoader,
+    Dataset,
+    build_train_dataloaders,
+    build_val_dataloaders,
+    unpack_batch,
+)
+from metatrain.utils.data.atomic_basis_helpers import (
+    get_prepare_atomic_basis_targets_transform,
+)
+from metatrain.utils.neighbor_lists import (
+    get_requested_neighbor_lists,
+    get_system_with_neighbor_lists_transform,
+)
+from metatrain.utils.scaler import get_remove_scale_transform
+from metatrain.utils.system_data import get_system_data_transform
+
+from metatrain_mace.train import distributed
+from metatrain_mace.train.datachecks import SkipStructureLines
 
 
 Transform = Callable[
@@ -148,3 +169,92 @@ def prepare_data(
     if num_workers == 0:
         return train, val, JoinBatch(target_keys)
     return train, val, CollateFn(target_keys=target_keys, callables=[])
+
+
+@dataclass
+class Loaders:
+    """The data loaders of a run.
+
+    ``samplers``: the training samplers, told the epoch (distributed runs)."""
+
+    train: CombinedDataLoader
+    validation: CombinedDataLoader
+    samplers: List[Any]
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+
+
+def build_loaders(
+    model: Any,
+    hypers: Dict[str, Any],
+    train_datasets: List[Any],
+    val_datasets: List[Any],
+    baselines: Tuple[Any, Any],
+    num_workers: int,
+    context: distributed.Context,
+) -> Loaders:
+    """Training and validation loaders over the prepared structures (neighbour
+    lists, charge and spin for conditioned models, and the targets without the
+    baselines ``(additive_models, scaler)`` and in metatrain's dense form for
+    atomic-basis targets)."""
+    additive_models, scaler = baselines
+    train_targets = model.dataset_info.targets
+    # charge and spin (for models conditioned on them) go from extra_data onto
+    # the systems, where the model reads them
+    inputs = list(model.requested_inputs())
+    train_datasets, val_datasets, collate_fn = prepare_data(
+        train_datasets,
+        [distributed.shard(dataset, context) for dataset in val_datasets],
+        transforms=[
+            # atomic-basis targets (one block per atomic type on disk) in
+            # metatrain's dense form, which the heads predict
+            get_prepare_atomic_basis_targets_transform(
+                train_targets, model.dataset_info.extra_data
+            )[0],
+            get_system_with_neighbor_lists_transform(
+                get_requested_neighbor_lists(model)
+            ),
+            *([get_system_data_transform(inputs)] if inputs else []),
+            get_remove_additive_transform(additive_models, train_targets),
+            get_remove_scale_transform(scaler),
+        ],
+        target_keys=list(train_targets.keys()),
+        num_workers=num_workers,
+    )
+
+    # metatrain logs one line per structure above max_atoms_per_batch;
+    # check_batch_limit has said it in one
+    skipped_lines = SkipStructureLines()
+    logging.getLogger("metatrain.utils.data.samplers").addFilter(skipped_lines)
+    train_loaders, epoch_samplers = build_train_dataloaders(
+        train_datasets=train_datasets,
+        train_distributed_samplers=distributed.training_samplers(
+            train_datasets, context
+        ),
+        collate_fn_train=collate_fn,
+        batch_size=hypers["batch_size"],
+        max_atoms_per_batch=hypers["max_atoms_per_batch"],
+        min_atoms_per_batch=0,
+        num_workers=num_workers,
+    )
+    train_loader = CombinedDataLoader(train_loaders, shuffle=True)
+    # validation needs no synchronisation between ranks: each rank evaluates
+    # its own share (no structure twice) and the sums are reduced afterwards
+    # metatrain's atom packing refuses empty sets (and shards)
+    val_datasets = [dataset for dataset in val_datasets if len(dataset) > 0]
+    val_loader = CombinedDataLoader(
+        build_val_dataloaders(
+            val_datasets=val_datasets,
+            val_distributed_samplers=[None] * len(val_datasets),
+            collate_fn_val=collate_fn,
+            batch_size=hypers["batch_size"],
+            max_atoms_per_batch=hypers["max_atoms_per_batch"],
+            num_workers=num_workers,
+        ),
+        shuffle=False,
+    )
+    logging.getLogger("metatrain.utils.data.samplers").removeFilter(skipped_lines)
+    return Loaders(train_loader, val_loader, list(epoch_samplers))

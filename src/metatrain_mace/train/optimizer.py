@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Tuple, Union
 import torch
 
 from metatrain_mace.documentation import TrainerHypers
+from metatrain_mace.parameter_names import user_name
 
 
 Scheduler = Union[
@@ -21,6 +22,7 @@ Scheduler = Union[
 
 
 def _decays(name: str) -> bool:
+    name = user_name(name)
     if name.endswith("bias"):
         return False
     if name.startswith("mace.interactions."):
@@ -35,6 +37,7 @@ BLOCKS = ("embedding", "interactions", "products", "readouts", "heads")
 
 def block_of(name: str) -> str:
     """The block (one of :data:`BLOCKS`, or ``other``) a parameter belongs to."""
+    name = user_name(name)
     if name.startswith(
         ("mace.node_embedding.", "mace.joint_embedding.", "conditioning.")
     ):
@@ -58,7 +61,7 @@ def freeze_layers(model: torch.nn.Module, n_layers: int) -> List[str]:
     """
     if n_layers == 0:
         return []
-    available = len(model.mace.interactions)
+    available = len(model.trunk.mace.interactions)
     if n_layers > available:
         raise ValueError(
             f"'frozen_layers' is {n_layers}, but the MACE model has {available} "
@@ -69,7 +72,7 @@ def freeze_layers(model: torch.nn.Module, n_layers: int) -> List[str]:
         prefixes += (f"mace.interactions.{i}.", f"mace.products.{i}.")
     frozen: List[str] = []
     for name, parameter in model.named_parameters():
-        if name.startswith(prefixes) and parameter.requires_grad:
+        if user_name(name).startswith(prefixes) and parameter.requires_grad:
             parameter.requires_grad_(False)
             frozen.append(name)
     logging.info(

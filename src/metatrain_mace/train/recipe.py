@@ -143,6 +143,19 @@ def stage_two_loss(loss: Dict[str, Any], changes: Any) -> Dict[str, Any]:
     return result
 
 
+def check_stage_two(hypers: Dict[str, Any]) -> None:
+    """Warn at start-up when stage two is asked for but never starts."""
+    start: Optional[int] = hypers.get("stage_two_epoch")
+    if start is not None and start >= hypers["num_epochs"]:
+        logging.warning(
+            f"'stage_two_epoch' is {start}, but the run has 'num_epochs' "
+            f"{hypers['num_epochs']} (epochs 0 to {hypers['num_epochs'] - 1}): stage "
+            "two never starts, and 'stage_two_loss' and 'stage_two_learning_rate' "
+            f"are not used. Set 'stage_two_epoch' below {hypers['num_epochs']} (MACE "
+            "starts it at about 80% of the epochs) or remove it."
+        )
+
+
 def in_stage_two(hypers: Dict[str, Any], epoch: int) -> bool:
     start: Optional[int] = hypers.get("stage_two_epoch")
     return start is not None and epoch >= start

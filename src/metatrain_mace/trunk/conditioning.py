@@ -100,6 +100,29 @@ class SystemConditioning(torch.nn.Module):
                 values[i] = data[0].to(torch.float64)
         return values
 
+    def _refuse(self, values: torch.Tensor, bad: torch.Tensor, name: str, why: str):
+        """Raise for the first system whose value of ``name`` is ``bad``:
+        ``system I: NAME = VALUE`` and ``why``."""
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0, 0])
+            value = float(values[i])
+            text = str(int(value)) if value == float(int(value)) else str(value)
+            raise ValueError(
+                "system " + str(i) + ": " + self.inputs[name] + " = " + text + why
+            )
+
+    def check_spin(self, values: torch.Tensor, name: str) -> None:
+        """Refuse spin multiplicities below 1 (2S+1 is 1 for a singlet, 2 for a
+        doublet, ...), naming the system: a lookup table may have a row for 0."""
+        if name == "total_spin":
+            self._refuse(
+                values,
+                values < 1,
+                name,
+                " is not a spin multiplicity, which is 2S+1 >= 1 (1 for a singlet, "
+                + "2 for a doublet, 3 for a triplet)",
+            )
+
     def classes(self, values: torch.Tensor, name: str) -> torch.Tensor:
         """Lookup-table rows of categorical ``values``; refuses values the table
         does not have, naming the system."""
@@ -108,23 +131,16 @@ class SystemConditioning(torch.nn.Module):
         bad = (
             (rows != torch.round(rows)) | (rows < 0) | (rows >= self.num_classes[name])
         )
-        if bool(bad.any()):
-            i = int(torch.nonzero(bad)[0, 0])
-            value = float(values[i])
-            text = str(int(value)) if value == float(int(value)) else str(value)
-            raise ValueError(
-                "system "
-                + str(i)
-                + ": "
-                + self.inputs[name]
-                + " = "
-                + text
-                + " cannot be embedded by this MACE model, which knows the integer "
-                + "values from "
-                + str(-offset)
-                + " to "
-                + str(self.num_classes[name] - 1 - offset)
-            )
+        self._refuse(
+            values,
+            bad,
+            name,
+            " cannot be embedded by this MACE model, which knows the integer values "
+            + "from "
+            + str(-offset)
+            + " to "
+            + str(self.num_classes[name] - 1 - offset),
+        )
         return rows.to(torch.int64)
 
     def forward(
@@ -135,6 +151,7 @@ class SystemConditioning(torch.nn.Module):
         embeddings: List[torch.Tensor] = []
         for name, embedder in self.embedders.items():
             values = self.values(systems, name)
+            self.check_spin(values, name)
             if self.categorical[name]:
                 embedded = embedder(self.classes(values, name))
             else:
@@ -163,12 +180,40 @@ def ase_inputs(atoms: Any, names: List[str], dtype: torch.dtype) -> Dict[str, An
     return inputs
 
 
+# ``extra_data`` names that mean one of the inputs under another name (MACE's own
+# ``total_charge`` and ``total_spin`` first): refused, naming the expected one
+LOOKALIKES = {
+    "charge": ("total_charge", "system_charge", "molecular_charge"),
+    "spin_multiplicity": (
+        "total_spin",
+        "spin",
+        "multiplicity",
+        "spin_mult",
+        "spinmultiplicity",
+    ),
+}
+
+
 def report_missing_inputs(
     conditioning: SystemConditioning, datasets: List[Any]
 ) -> None:
     """One log line per input that some datasets do not give: their structures
-    get MACE's default (charge 0, spin multiplicity 1)."""
+    get MACE's default (charge 0, spin multiplicity 1). An ``extra_data`` entry
+    that looks like a missing input under another name (MACE's ``total_charge``)
+    is refused, naming the name to use."""
     for name, key in conditioning.inputs.items():
+        for dataset in datasets:
+            fields = dataset[0]._asdict() if len(dataset) > 0 else {}
+            wrong = [f for f in fields if f.lower() in LOOKALIKES[key]]
+            if key not in fields and wrong:
+                what = "total charge" if key == "charge" else "spin multiplicity"
+                raise ValueError(
+                    f"'extra_data' has {wrong[0]!r}, which this model does not "
+                    f"read: it takes the {what} of each structure from '{key}' "
+                    f"(metatomic's name for MACE's "
+                    f"{name}). Rename '{wrong[0]}:' to '{key}:' in the 'extra_data' "
+                    "section of the options file."
+                )
         missing = [d for d in datasets if len(d) > 0 and key not in d[0]._asdict()]
         if missing:
             logging.info(
@@ -189,7 +234,7 @@ def check_dataset_values(
             continue
         fields = dataset[0]._asdict()
         for name, key in conditioning.inputs.items():
-            if key not in fields or not conditioning.categorical[name]:
+            if key not in fields:
                 continue
             values = torch.tensor(
                 [
@@ -202,7 +247,9 @@ def check_dataset_values(
                 torch.isnan(values), torch.full_like(values, DEFAULTS[name]), values
             )
             try:
-                conditioning.classes(values, name)
+                conditioning.check_spin(values, name)
+                if conditioning.categorical[name]:
+                    conditioning.classes(values, name)
             except ValueError as error:
                 raise ValueError(
                     f"{split} set {d}, structure {str(error)[len('system ') :]}"

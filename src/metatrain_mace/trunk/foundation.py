@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from metatrain_mace.checkpoints import is_intact
 from metatrain_mace.mace_import import mace_modules, o3
 from metatrain_mace.trunk import foundation_names
 from metatrain_mace.trunk.conditioning import check_specs
@@ -49,11 +50,25 @@ ARCHITECTURE_HYPERS = [
 ]
 
 
+CHECKPOINT_ADVICE = (
+    "to continue from a metatrain checkpoint use 'finetune: read_from' or "
+    "'mtt train --restart' instead."
+)
+"""What to do with a checkpoint given where a MACE file is needed, in ``mtt train``."""
+
+
 @quiet_torchscript()
-def load_mace_file(path: str) -> torch.nn.Module:
+def load_mace_file(
+    path: str,
+    source: str = "'mace_model'",
+    checkpoint_advice: str = CHECKPOINT_ADVICE,
+) -> torch.nn.Module:
     """Load a whole pickled MACE module (float32 or float64) on the CPU.
 
     :param path: the MACE model file named by the user.
+    :param source: where the user named it, for the messages (the hyper of
+        ``mtt train``, or the argument of a command).
+    :param checkpoint_advice: what to do when the file is a checkpoint.
     :raises FileNotFoundError: when there is no such file.
     :raises ValueError: when the file does not hold a MACE model.
     """
@@ -62,7 +77,7 @@ def load_mace_file(path: str) -> torch.nn.Module:
         file = foundation_names.fetch(foundation_names.resolve(str(path)))
     if not file.is_file():
         raise FileNotFoundError(
-            f"MACE model file {str(path)!r} does not exist (from 'mace_model'); give "
+            f"MACE model file {str(path)!r} does not exist (from {source}); give "
             "the path of a model file written by mace-torch, e.g. "
             "'mace-mp-0-medium.model'"
         )
@@ -75,29 +90,43 @@ def load_mace_file(path: str) -> torch.nn.Module:
         # one file the user asked for
         loaded = torch.load(file, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise ValueError(
-            f"{str(path)!r} is not a MACE model file: torch.load failed with "
-            f"{type(err).__name__}: {err}. 'mace_model' needs a whole MACE model "
-            "saved by mace-torch (torch.save(model))."
-        ) from err
+        raise ValueError(_unreadable(file, source, err)) from err
     if isinstance(loaded, dict):
         keys = list(loaded.keys())[:5]
         raise ValueError(
-            f"{str(path)!r} holds a dict (keys {keys}...), such as a state dict or a "
-            "checkpoint, not a MACE model. 'mace_model' needs a whole MACE model "
-            "saved with torch.save(model); to continue from a metatrain checkpoint "
-            "use 'finetune: read_from' or 'mtt train --restart' instead."
+            f"{str(path)!r} ({source}) holds a dict (keys {keys}...), such as a "
+            "state dict or a checkpoint, not a MACE model. A MACE model file is a "
+            f"whole model saved with torch.save(model); {checkpoint_advice}"
         )
     if not isinstance(loaded, mace_modules.MACE):
         raise ValueError(
-            f"{str(path)!r} holds a {type(loaded).__module__}."
+            f"{str(path)!r} ({source}) holds a {type(loaded).__module__}."
             f"{type(loaded).__qualname__}, not a MACE model "
-            "(mace.modules.MACE or ScaleShiftMACE). 'mace_model' needs a model file "
-            "written by mace-torch."
+            "(mace.modules.MACE or ScaleShiftMACE): give a model file written by "
+            "mace-torch."
         )
     if hasattr(loaded, "joint_embedding"):
         check_specs(dict(loaded.embedding_specs), repr(str(path)))
     return loaded.eval()
+
+
+def _unreadable(file: Path, source: str, error: Exception) -> str:
+    """Why ``torch.load`` could not read ``file``: a torch file (a zip archive)
+    cut short, or no torch file at all."""
+    with open(file, "rb") as stream:
+        start = stream.read(4)
+    reason = f"torch.load: {type(error).__name__}: {str(error).splitlines()[0]}"
+    if start.startswith(b"PK") and not is_intact(file):
+        return (
+            f"{str(file)!r} ({source}) is cut short: it starts as a file written by "
+            "torch.save, but its end is missing, as after an interrupted download "
+            f"or copy ({reason}). Download or copy the MACE model file again."
+        )
+    return (
+        f"{str(file)!r} ({source}) is not a MACE model file: torch.load cannot read "
+        f"it ({reason}). Give a model file written by mace-torch "
+        "(torch.save(model)), e.g. 'mace-mp-0-medium.model'."
+    )
 
 
 def head_names(mace: torch.nn.Module) -> List[str]:

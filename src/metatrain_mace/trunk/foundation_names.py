@@ -9,6 +9,7 @@ used as it is, and one that is not is downloaded by mace-torch's own downloader
 (this is the only network access of the package, and only when a name is given).
 """
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -118,11 +119,37 @@ def resolve(value: str) -> FoundationModel:
     valid ones."""
     model = lookup(value)
     if model is None:
+        names = valid_names()
+        close = closest_names(value, names)
+        hint = f" Did you mean {' or '.join(repr(n) for n in close)}?" if close else ""
+        others = [name for name in names if name not in close]
         raise ValueError(
             f"'mace_model: {value}' is neither a file nor a MACE foundation model "
-            f"name known to mace-torch. Valid names: {', '.join(valid_names())}"
+            f"name known to mace-torch.{hint} Valid names: "
+            f"{', '.join(close + others)}"
         )
     return model
+
+
+def closest_names(value: str, names: List[str]) -> List[str]:
+    """The names most like ``value`` (a misspelt one), closest first: similar as
+    ``difflib`` measures it (a bare name is also compared without the family
+    prefix), or containing ``value``."""
+    value = value.lower()
+    scores: Dict[str, float] = {}
+    for name in names:
+        candidates = [name.lower()]
+        if ":" not in value:
+            candidates.append(name.lower().split(":")[-1])
+        score = max(
+            difflib.SequenceMatcher(None, value, candidate).ratio()
+            for candidate in candidates
+        )
+        if value in name.lower():
+            score = max(score, 0.8)
+        scores[name] = score
+    ranked = sorted(names, key=lambda name: -scores[name])
+    return [name for name in ranked if scores[name] >= 0.6][:3]
 
 
 def fetch(model: FoundationModel) -> Path:

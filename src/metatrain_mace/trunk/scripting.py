@@ -10,10 +10,12 @@ module objects and new ``Parameter`` objects sharing the storage of the original
 import contextlib
 import copy
 import warnings
-from typing import Iterator, Sequence, Tuple
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
+from metatrain_mace.checkpoints import replaced_atomically
 from metatrain_mace.mace_import import e3nn_jit
 
 
@@ -80,3 +82,17 @@ def compiled_copy(
         if hasattr(owner, name):
             delattr(owner, name)
     return e3nn_jit.compile(new, in_place=True)
+
+
+def save_model_atomically(
+    model: Any, file: Union[str, Path], collect_extensions: Optional[str] = None
+) -> None:
+    """``AtomisticModel.save`` through a temporary file beside ``file``
+    (:func:`metatrain_mace.checkpoints.replaced_atomically`), with TorchScript's
+    warnings silenced: bound as the ``save`` of the models
+    :meth:`~metatrain_mace.model.MetaMACE.export` returns, because metatrain writes
+    the exported ``model.pt`` of ``mtt train`` with it."""
+    from metatomic.torch import AtomisticModel
+
+    with replaced_atomically(file) as temporary, quiet_torchscript():
+        AtomisticModel.save(model, str(temporary), collect_extensions)

@@ -14,7 +14,7 @@ pays for two full-size gradients.
 ``TensorProduct`` (including ``FullyConnectedTensorProduct``) so that every input is
 cut once with ``torch.split``: same values, same operations afterwards, but the
 backward of a split is one concatenation of the slice gradients. Forward values and
-first derivatives are bitwise identical (tests/test_slicing.py).
+first derivatives are bitwise identical (tests/trunk/test_slicing.py).
 """
 
 import logging
