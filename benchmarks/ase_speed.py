@@ -5,7 +5,10 @@ The same MACE model file is evaluated (energy and forces, float64, CPU) by
 
 - mace-torch's ``MACECalculator`` on the file, and
 - metatomic's ``MetatomicCalculator`` on the model exported by
-  ``metatrain_mace.export_mace_model`` from that file,
+  ``metatrain_mace.export_mace_model`` from that file, and
+- with ``--symmetrix``, symmetrix-xl (a native CPU MACE engine) on the MACE file that
+  ``metatrain-mace to-mace`` writes back from our model: the same model, as a model
+  trained here reaches native MACE engines,
 
 on carbon diamond supercells of 64, 216 and 512 atoms. Both calculators live in this
 one process and are timed alternately on the same rattled structures, so machine
@@ -113,6 +116,11 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--sizes", default="2,3,4", help="supercell repeats n")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--symmetrix",
+        action="store_true",
+        help="also time symmetrix-xl on the file written by metatrain-mace to-mace",
+    )
     args = parser.parse_args(argv)
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -124,6 +132,8 @@ def main(argv: List[str]) -> None:
     from metatomic_ase import MetatomicCalculator
 
     from metatrain_mace import export_mace_model
+    from metatrain_mace.tools.export import mace_file_to_model
+    from metatrain_mace.tools.to_mace import to_mace_module
 
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(args.model) if args.model else Path(tmp) / "mace.model"
@@ -139,14 +149,22 @@ def main(argv: List[str]) -> None:
             ),
             "ours": MetatomicCalculator(str(exported), device="cpu"),
         }
+        if args.symmetrix:
+            from symmetrix import Symmetrix
+
+            written = Path(tmp) / "written.model"
+            torch.save(to_mace_module(mace_file_to_model(str(model_file))), written)
+            print("loading symmetrix-xl (builds its model-specific code once)...")
+            calculators["symmetrix"] = Symmetrix(str(written), dtype="float64")
         print(
             f"torch {torch.__version__}, {args.threads} thread(s), float64, "
             f"{args.repeats} timed calls per calculator and size"
         )
-        print(
-            f"{'atoms':>6} {'MACE (ms)':>10} {'ours (ms)':>10} {'ratio':>6}  "
-            "max|dE| (eV)  max|dF| (eV/A)"
-        )
+        header = f"{'atoms':>6} {'MACE (ms)':>10} {'ours (ms)':>10} {'ratio':>6}  "
+        header += "max|dE| (eV)  max|dF| (eV/A)"
+        if args.symmetrix:
+            header += f"  {'symmetrix (ms)':>14} {'ours/sym':>8}  sym max|dE| max|dF|"
+        print(header)
         for n in (int(s) for s in args.sizes.split(",")):
             atoms = supercell(n, seed=n)
             run = time_calls(calculators, atoms, args.repeats)
@@ -156,12 +174,19 @@ def main(argv: List[str]) -> None:
                 run["results"]["mace"],
                 run["results"]["ours"],
             )
-            print(
+            line = (
                 f"{len(atoms):>6} {1e3 * mace_t:>10.1f} {1e3 * ours_t:>10.1f} "
                 f"{ours_t / mace_t:>6.3f}  {abs(e_ours - e_ref):>12.2e}  "
-                f"{np.abs(f_ours - f_ref).max():>14.2e}",
-                flush=True,
+                f"{np.abs(f_ours - f_ref).max():>14.2e}"
             )
+            if args.symmetrix:
+                sym_t = statistics.median(run["times"]["symmetrix"])
+                e_sym, f_sym = run["results"]["symmetrix"]
+                line += (
+                    f"  {1e3 * sym_t:>14.1f} {ours_t / sym_t:>8.1f}  "
+                    f"{abs(e_sym - e_ours):>10.1e} {np.abs(f_sym - f_ours).max():>7.1e}"
+                )
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

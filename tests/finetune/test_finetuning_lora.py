@@ -1,5 +1,6 @@
 """LoRA fine-tuning: equivariant low-rank adapters on MACE's linear layers."""
 
+import copy
 from pathlib import Path
 
 import ase.io
@@ -430,3 +431,37 @@ def test_checkpoint_of_version_4_with_adapters_in_the_trunk(tmp_path: Path) -> N
     )
     energy = model([system], {"energy": ModelOutput(sample_kind="system")})["energy"]
     assert energy.block().values.item() == pytest.approx(-1.831830986678354, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "irreps_in, irreps_out",
+    [
+        ("8x0e + 8x1o + 8x2e", "8x0e + 8x1o + 8x2e"),
+        # unsimplified irreps and irreps that only one side has
+        ("3x0e + 2x1o + 4x0e", "5x1o + 2x0e + 1x2e"),
+    ],
+)
+def test_merged_adapters_compute_what_the_adapted_layers_compute(
+    irreps_in, irreps_out
+) -> None:
+    """Folded into one layer (for MACE files), an adapter's update gives the
+    adapted layer's outputs to rounding, for o3.Linear and torch.nn.Linear."""
+    torch.manual_seed(0)
+    layers = [
+        o3.Linear(o3.Irreps(irreps_in), o3.Irreps(irreps_out)).to(torch.float64),
+        torch.nn.Linear(7, 5, dtype=torch.float64),
+    ]
+    for layer in layers:
+        adapter = lora.make_adapter(layer, rank=2, alpha=3.0)
+        with torch.no_grad():
+            adapter.lora_up.weight.normal_()
+            adapter.lora_down.weight.normal_()
+        size = layer.irreps_in.dim if isinstance(layer, o3.Linear) else 7
+        x = torch.randn(11, size, dtype=torch.float64)
+        expected = adapter(x).detach()
+        merged = lora.merged_weights(adapter)
+        plain = copy.deepcopy(layer)
+        plain.load_state_dict(merged)
+        got = plain(x).detach()
+        assert (expected - adapter.base(x)).abs().max() > 1e-2  # a real update
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

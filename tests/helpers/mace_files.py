@@ -50,6 +50,8 @@ def build_mace_model(
     embedding_specs: Optional[dict] = None,
     use_embedding_readout: bool = False,
     use_reduced_cg: bool = False,
+    max_ell: int = 2,
+    correlation: int = 2,
 ) -> torch.nn.Module:
     """A small MACE model with random weights and non-trivial E0s, scale and shift
     (and, with ``embedding_specs``, conditioned on total charge and spin as
@@ -66,7 +68,7 @@ def build_mace_model(
             r_max=r_max,
             num_bessel=6,
             num_polynomial_cutoff=5,
-            max_ell=2,
+            max_ell=max_ell,
             interaction_cls=modules.interaction_classes[
                 "RealAgnosticResidualInteractionBlock"
             ],
@@ -80,7 +82,7 @@ def build_mace_model(
             atomic_energies=energies if heads is not None else energies[0],
             avg_num_neighbors=6.5,
             atomic_numbers=list(atomic_numbers),
-            correlation=2,
+            correlation=correlation,
             gate=torch.nn.functional.silu,
             pair_repulsion=pair_repulsion,
             radial_MLP=[16, 16],

@@ -251,6 +251,76 @@ def insert_adapters(
     return selected
 
 
+def merged_weights(adapter: Adapter) -> Dict[str, torch.Tensor]:
+    """The weights of ``adapter``'s base layer with the low-rank update folded in:
+    one layer that computes what the adapted layer computes (for files that other
+    programs read, see :mod:`metatrain_mace.tools.to_mace`).
+
+    An ``o3.Linear`` computes ``y[v, m] = path_weight * sum_u w[u, v] x[u, m]`` for
+    each pair of equal irreps; the merged ``w`` is read from the adapted layer's
+    response to unit inputs, and checked to reproduce it."""
+    base = adapter.base
+    weight = base.weight.detach()
+    with torch.no_grad():
+        if isinstance(adapter, LinearLoRA):
+            update = adapter.lora_up.weight @ adapter.lora_down.weight
+            return {**base.state_dict(), "weight": weight + adapter.scaling * update}
+        irreps_in = o3.Irreps(base.irreps_in)
+        irreps_out = o3.Irreps(base.irreps_out)
+        unit = torch.eye(irreps_in.dim, dtype=weight.dtype, device=weight.device)
+        response = adapter(unit)
+        folded = torch.empty_like(weight)
+        offset = 0
+        for instruction in base.instructions:
+            mul_in, irrep = irreps_in[instruction.i_in]
+            mul_out, _ = irreps_out[instruction.i_out]
+            start_in = irreps_in[: instruction.i_in].dim
+            start_out = irreps_out[: instruction.i_out].dim
+            block = response[
+                start_in : start_in + mul_in * irrep.dim : irrep.dim,
+                start_out : start_out + mul_out * irrep.dim : irrep.dim,
+            ]
+            size = mul_in * mul_out
+            folded[offset : offset + size] = (block / instruction.path_weight).reshape(
+                -1
+            )
+            offset += size
+        if offset != weight.numel():
+            raise ValueError(
+                f"cannot merge the LoRA adapter of an o3.Linear {irreps_in} -> "
+                f"{irreps_out}: its weights are not one matrix per pair of irreps"
+            )
+        original = base.weight.detach().clone()
+        base.weight.copy_(folded)
+        try:
+            reproduced = base(unit)
+        finally:
+            base.weight.copy_(original)
+        error = float((reproduced - response).abs().max())
+        size = float(response.abs().max().clamp_min(1e-300))
+        if error > 1e-10 * size:
+            raise ValueError(
+                f"the merged LoRA adapter of an o3.Linear {irreps_in} -> {irreps_out} "
+                f"differs from the adapted layer by {error:.1e}; please report this"
+            )
+        return {**base.state_dict(), "weight": folded}
+
+
+def merged_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every adapter inside folded into its base layer
+    (names as if the adapters had never been inserted)."""
+    state = module.state_dict()
+    for name, adapter in module.named_modules():
+        if not isinstance(adapter, ADAPTER_TYPES):
+            continue
+        prefix = name + "." if name else ""
+        for key in [key for key in state if key.startswith(prefix)]:
+            del state[key]
+        for key, value in merged_weights(adapter).items():
+            state[prefix + key] = value
+    return state
+
+
 def adapter_record(model: torch.nn.Module) -> Dict[str, Dict[str, Any]]:
     """``{module name: {"rank", "alpha"}}`` of the adapters of ``model``."""
     return {

@@ -1,5 +1,5 @@
-"""The ``metatrain-mace`` command: ``export FILE.model``, ``plot RUN_FOLDER`` and
-``precision MODEL STRUCTURES``."""
+"""The ``metatrain-mace`` command: ``export FILE.model``, ``to-mace CHECKPOINT``,
+``plot RUN_FOLDER`` and ``precision MODEL STRUCTURES``."""
 
 import argparse
 import logging
@@ -36,6 +36,35 @@ def main(argv: Optional[List[str]] = None) -> None:
         default="float64",
         choices=["float64", "float32"],
         help="floating point precision of the exported model (default %(default)s)",
+    )
+    to_mace = commands.add_parser(
+        "to-mace",
+        help="write a model trained here as a MACE model file (for MACE engines)",
+        description=(
+            "Write the energy part of a model of this package (a checkpoint written "
+            "by mtt train, or a model exported by this package) as a mace-torch "
+            "model file (ScaleShiftMACE): MACE's calculator, its LAMMPS exports, "
+            "symmetrix and other MACE engines read it. Other targets are left out. "
+            "Checkpoints are pickles: only convert files you trust."
+        ),
+    )
+    to_mace.add_argument("path", help="checkpoint (.ckpt) or exported model (.pt)")
+    to_mace.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="MACE model file to write (default: PATH with the suffix .model)",
+    )
+    to_mace.add_argument(
+        "--head",
+        default=None,
+        help="the energy target to write (default: 'mace_head_target')",
+    )
+    to_mace.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float64", "float32"],
+        help="floating point precision of the file (default %(default)s)",
     )
     plot = commands.add_parser(
         "plot",
@@ -117,6 +146,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.command == "precision":
         _precision(precision, args)
         return
+    if args.command == "to-mace":
+        _to_mace(to_mace, args)
+        return
 
     from metatrain_mace.tools.export import export_mace_model
 
@@ -159,6 +191,22 @@ def _precision(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     logging.info(f"wrote {write_csv(rows, args.output)}")
     if args.plot is not None:
         logging.info(f"wrote {plot_report(rows, args.plot)}")
+
+
+def _to_mace(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``metatrain-mace to-mace``: a MACE model file of the energy part."""
+    from pathlib import Path
+
+    from metatrain_mace.tools.to_mace import write_mace_file
+
+    output = args.output or str(Path(args.path).with_suffix(".model"))
+    if Path(output).resolve() == Path(args.path).resolve():
+        parser.exit(2, "metatrain-mace to-mace: error: -o must differ from PATH\n")
+    try:
+        mace = write_mace_file(args.path, output, head=args.head, dtype=args.dtype)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"metatrain-mace to-mace: error: {err}\n")
+    logging.info(f"wrote {output} ({mace.written_by})")
 
 
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
