@@ -8,7 +8,8 @@
   module of its own (state-dict keys ``mace.*``, ``conditioning.*`` and
   ``avg_num_neighbors`` become ``trunk.mace.*``, ``trunk.conditioning.*`` and
   ``trunk.avg_num_neighbors``; names in the hypers and in ``finetune_config`` keep
-  the names of the MACE model, see :mod:`metatrain_mace.parameter_names`), trainer
+  the names of the MACE model, see :mod:`metatrain_mace.parameter_names`), model
+  version 6 the ``long_range`` hyper, trainer
   version 2 the ``frozen_layers`` and
   ``lr_factors`` hypers, trainer version 3 the EMA and stage two of MACE's recipe.
 - Files that survive crashes. Every checkpoint and exported model this package
@@ -42,6 +43,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 import torch
 
 from metatrain_mace import parameter_names
+from metatrain_mace.documentation import LONG_RANGE_DEFAULTS
 
 
 ARCHITECTURE_NAME = "experimental.mace"
@@ -94,11 +96,18 @@ def _model_v4_to_v5(checkpoint: Dict[str, Any]) -> None:
         ema["average"] = parameter_names.to_version_5(ema["average"])
 
 
+def _model_v5_to_v6(checkpoint: Dict[str, Any]) -> None:
+    """v6 has the ``long_range`` hyper (off before)."""
+    hypers = checkpoint["model_data"]["model_hypers"]
+    hypers.setdefault("long_range", dict(LONG_RANGE_DEFAULTS))
+
+
 MODEL_UPDATES: Dict[int, Update] = {
     1: _model_v1_to_v2,
     2: _model_v2_to_v3,
     3: _model_v3_to_v4,
     4: _model_v4_to_v5,
+    5: _model_v5_to_v6,
 }
 
 

@@ -158,6 +158,42 @@ class LoRAFinetuneHypers(TypedDict):
     energy readouts (multi-head replay fine-tuning, see the fine-tuning page)."""
 
 
+class LongRangeHypers(TypedDict):
+    """Long-range electrostatics learned from the MACE features, with the keys and
+    defaults of metatrain's ``LongRangeHypers`` (the ``pet`` architecture's
+    ``long_range``), so that options files move between architectures. See
+    :ref:`long-range`."""
+
+    enable: bool = False
+    """Add a long-range energy: latent charges read from the MACE scalar features
+    interact through a Coulomb potential beyond ``r_max`` (Ewald/P3M for periodic
+    structures, a direct sum otherwise, with torch-pme), and the resulting
+    potentials give a per-atom energy added to MACE's readout. Needs
+    ``pip install 'metatrain-mace[long-range]'``. Models built from these
+    hyperparameters only (not ``mace_model``)."""
+    use_ewald: bool = False
+    """Use Ewald summation for periodic structures at evaluation; P3M otherwise.
+    Training always uses Ewald (P3M is unstable in training, as in ``pet``)."""
+    smearing: Annotated[float, Gt(0)] = 1.4
+    """Gaussian smearing of the charges (length unit): the split between the
+    real-space and the reciprocal-space parts."""
+    kspace_resolution: Annotated[float, Gt(0)] = 1.33
+    """Resolution of the reciprocal-space grid (length unit): the Ewald wavelength
+    cut-off, or the P3M mesh spacing."""
+    interpolation_nodes: Annotated[int, Ge(1)] = 5
+    """Number of interpolation nodes of the P3M mesh."""
+
+
+LONG_RANGE_DEFAULTS: Dict[str, Any] = {
+    "enable": False,
+    "use_ewald": False,
+    "smearing": 1.4,
+    "kspace_resolution": 1.33,
+    "interpolation_nodes": 5,
+}
+"""The defaults of :class:`LongRangeHypers` (those of metatrain's)."""
+
+
 class ModelHypers(TypedDict):
     """Hyperparameters of the MACE model and of the heads added on top of it."""
 
@@ -246,6 +282,10 @@ class ModelHypers(TypedDict):
     every layer)."""
     use_agnostic_product: bool = False
     """Use element-agnostic weights in the symmetric product."""
+    long_range: LongRangeHypers = LONG_RANGE_DEFAULTS
+    """Long-range electrostatics (see
+    :class:`~metatrain_mace.documentation.LongRangeHypers` and
+    :ref:`long-range`)."""
     head_hidden_sizes: list[int] = [64, 64]
     """Hidden layer widths of the MLP heads of invariant targets other than
     ``mace_head_target``. Equivariant targets always use a linear head."""

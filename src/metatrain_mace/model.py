@@ -46,6 +46,7 @@ from metatrain_mace.finetune import lora
 from metatrain_mace.finetune.strategies import restore_readout_heads
 from metatrain_mace.heads.assembly import OutputAssembly
 from metatrain_mace.heads.features import SphericalFeatures
+from metatrain_mace.heads.long_range import LongRangeEnergy
 from metatrain_mace.heads.target_heads import TargetHeads
 from metatrain_mace.heads.targets import (  # noqa: F401 (re-exported)
     MACE_FEATURES,
@@ -77,7 +78,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
     :param dataset_info: targets, atomic types and length unit of the dataset.
     """
 
-    __checkpoint_version__ = 5
+    __checkpoint_version__ = 6
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float64, torch.float32]
     __default_metadata__ = ModelMetadata(
@@ -170,6 +171,19 @@ class MetaMACE(ModelInterface[ModelHypers]):
             self.atomic_types,
             dataset_info.length_unit,
         )
+        long_range = self.hypers["long_range"]
+        if long_range["enable"]:
+            if self.from_file:
+                raise ValueError(
+                    "'long_range: {enable: true}' is for models built from "
+                    "hyperparameters; a model from 'mace_model' keeps the file's "
+                    "architecture. Remove 'long_range' or 'mace_model'"
+                )
+            # a per-atom energy from all-distance Coulomb interactions of latent
+            # charges, added to MACE's readout (see heads.long_range)
+            self.long_range = LongRangeEnergy(
+                long_range, layout.num_scalar_features, self.nl_options
+            )
         self.assembly = OutputAssembly()
         self.target_names: List[str] = []
         # metatrain's LLPR reads one last-layer feature size for all targets: the
@@ -262,6 +276,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
         head_target = self.mace_head_target
         head_llf = last_layer_features_name(head_target)
+        long_range_energy = self._long_range_energy(systems, features, vectors, outputs)
         if head_target in self.target_names and (
             head_target in outputs or head_llf in outputs
         ):
@@ -273,6 +288,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 head_llf in outputs,
                 conditioning,
             )
+            if long_range_energy is not None:
+                energy = energy + long_range_energy
             if head_target in outputs:
                 result[head_target] = assembly.tensor_map(
                     head_target, [energy], samples, outputs[head_target], selected_atoms
@@ -291,6 +308,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     blocks[0] = blocks[0] + self.trunk.extra_energy(
                         node_attrs, edge_index, vectors, conditioning
                     ).unsqueeze(-1)
+                    if long_range_energy is not None:
+                        blocks[0] = blocks[0] + long_range_energy
                 if name in outputs:
                     result[name] = assembly.tensor_map(
                         name, blocks, samples, outputs[name], selected_atoms
@@ -307,6 +326,24 @@ class MetaMACE(ModelInterface[ModelHypers]):
         if not self.training and head_target in result:
             check_finite(head_target, result[head_target])
         return result
+
+    def _long_range_energy(
+        self,
+        systems: List[System],
+        features: List[torch.Tensor],
+        vectors: torch.Tensor,
+        outputs: Dict[str, ModelOutput],
+    ) -> Optional[torch.Tensor]:
+        """The per-atom long-range energy when the model has one and an energy
+        (MACE's readout or a copy of it) is requested; ``None`` otherwise."""
+        if not hasattr(self, "long_range"):
+            return None
+        energies = [self.mace_head_target] + self.heads.readout_heads
+        if not any(name in outputs for name in energies):
+            return None
+        _, scalar_features = self.trunk.concatenated(features)
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        return self.long_range(systems, scalar_features, lengths)
 
     def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
         for name in self.heads.keys():
@@ -593,10 +630,15 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.to(dtype)
         # the composition weights are TensorMaps that torch cannot move by itself
         self.additive_models[0].weights_to(torch.device("cpu"), torch.float64)
+        interaction_range = self.num_interactions * self.r_max
+        if hasattr(self, "long_range"):
+            # every atom interacts with every other: engines must not split the
+            # system into domains
+            interaction_range = float("inf")
         capabilities = ModelCapabilities(
             outputs=self.outputs,
             atomic_types=self.atomic_types,
-            interaction_range=self.num_interactions * self.r_max,
+            interaction_range=interaction_range,
             length_unit=self.dataset_info.length_unit,
             supported_devices=self.__supported_devices__,
             dtype=dtype_to_str(dtype),

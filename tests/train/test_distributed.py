@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import ase.io
 import numpy as np
@@ -290,12 +290,15 @@ def test_an_error_on_one_rank_stops_every_rank(
 # --- mtt train with torchrun and under SLURM ----------------------------------------
 
 
-def write_options(directory: Path, epochs: int, **training) -> Path:
+def write_options(
+    directory: Path, epochs: int, model_changes: Optional[dict] = None, **training
+) -> Path:
     model = {
         "r_max": 4.5,
         "hidden_irreps": "8x0e + 8x1o",
         "max_ell": 2,
         "correlation": 2,
+        **(model_changes or {}),
     }
     training = {"batch_size": 4, "checkpoint_interval": 2, **training}
     options = train_options("alloy.xyz", model, num_epochs=epochs, **training)
@@ -392,6 +395,27 @@ def test_mtt_train_with_torchrun_and_restart(alloy_dir: Path) -> None:
     assert "Epoch:    2" not in restart_log
     checkpoint = torch.load(alloy_dir / "model.ckpt", weights_only=False)
     assert checkpoint["epoch"] == 4
+
+
+@pytest.mark.slow
+def test_long_range_model_trains_on_two_processes(alloy_dir: Path) -> None:
+    """The long-range energy (Ewald sums of every structure in training) trains
+    with data parallelism like the rest of the model."""
+    options = write_options(alloy_dir, epochs=2, model_changes=LONG_RANGE)
+    result = run(
+        [*TORCHRUN, "--nproc_per_node", "2", str(BIN / "mtt"), "train", str(options)],
+        alloy_dir,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    check_run(alloy_dir, output, epochs=2)
+    evaluate(alloy_dir)
+    checkpoint = torch.load(alloy_dir / "model.ckpt", weights_only=False)
+    assert checkpoint["model_data"]["model_hypers"]["long_range"]["enable"]
+    assert any(k.startswith("long_range.") for k in checkpoint["model_state_dict"])
+
+
+LONG_RANGE = {"long_range": {"enable": True}}
 
 
 @pytest.mark.slow

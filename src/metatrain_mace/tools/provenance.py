@@ -12,9 +12,11 @@ from typing import Any, Dict
 
 import metatomic.torch  # noqa: F401 (metatomic's TorchScript classes, for torch.jit.load)
 import torch
+from metatrain.utils.architectures import get_default_hypers
 from metatrain.utils.data import DatasetInfo
 
 from metatrain_mace import parameter_names
+from metatrain_mace.checkpoints import ARCHITECTURE_NAME
 from metatrain_mace.model import MetaMACE
 from metatrain_mace.records import ATTRIBUTE, FORMAT, target_info
 from metatrain_mace.trunk import mace_args
@@ -60,9 +62,11 @@ def rebuild(path: str) -> MetaMACE:
     trunk = None
     if plain["mace_trunk"] is not None:
         trunk = mace_args.rebuild(plain["mace_trunk"])
+    # hypers added after the export take their defaults (what the model had)
+    defaults = get_default_hypers(ARCHITECTURE_NAME)["model"]
     model = MetaMACE.with_architecture(
         {
-            "model_hypers": plain["model_hypers"],
+            "model_hypers": {**defaults, **plain["model_hypers"]},
             "dataset_info": dataset_info,
             "mace_trunk": trunk,
         },

@@ -100,6 +100,12 @@ def to_mace_module(
     if dtype not in ("float64", "float32"):
         raise ValueError(f"dtype must be 'float64' or 'float32', not {dtype!r}")
     model = model.e3nn_copy()
+    if hasattr(model, "long_range"):
+        raise ValueError(
+            "this model has a long-range energy ('long_range: {enable: true}'), "
+            "which a MACE model file cannot hold: the file would give other "
+            "energies. Use the exported metatomic model (model.pt)"
+        )
     candidates = readout_targets(model)
     if not candidates:
         raise ValueError(
