@@ -5,6 +5,8 @@ the exported metatomic model run through metatomic's ASE calculator.
 """
 
 import logging
+import sys
+import types
 from pathlib import Path
 from typing import Optional
 
@@ -149,3 +151,71 @@ def test_contradicting_hypers_are_reported(
     # equal to the file's value: not a contradiction
     assert not any("hidden_irreps" in w for w in warnings)
     assert model.r_max == 4.5
+
+
+def _pickled_as(path: Path, class_name: str, **attributes) -> Path:
+    """A small MACE saved as mace-torch saves ``class_name`` (its pickle names the
+    class; only the class matters to the loader), with extra submodules."""
+    from mace.modules import extensions, models
+
+    model = build_mace_model()
+    model.__class__ = getattr(extensions, class_name, None) or getattr(
+        models, class_name
+    )
+    for name, module in attributes.items():
+        setattr(model, name, module)
+    torch.save(model, path)
+    return path
+
+
+def _fake_package(name: str) -> types.ModuleType:
+    """A module ``name`` with one torch module class, as a package of its own."""
+    package = types.ModuleType(name)
+
+    class Part(torch.nn.Module):
+        pass
+
+    Part.__module__ = name
+    Part.__qualname__ = "Part"
+    package.Part = Part
+    return package
+
+
+@pytest.mark.parametrize(
+    "class_name",
+    [
+        "MACELES",
+        "PolarMACE",
+        "AtomicDipolesMACE",
+        "AtomicDielectricMACE",
+        "EnergyDipolesMACE",
+    ],
+)
+def test_mace_kinds_not_run_yet_are_refused(tmp_path: Path, class_name) -> None:
+    """Loaded as a plain MACE (MACELES and PolarMACE are ScaleShiftMACEs) they
+    would silently lose their long-range part or their outputs."""
+    path = _pickled_as(tmp_path / "file.model", class_name)
+    with pytest.raises(ValueError, match=f"holds a {class_name}: .* does not run"):
+        mace_file_to_model(str(path))
+
+
+@pytest.mark.parametrize(
+    "package, message",
+    [
+        ("les", r"not on PyPI .*\(CC-BY-NC-4.0\).*github.com/ChengUCB/les"),
+        ("graph_longrange", r"pip install graph-longrange==0.4.0"),
+    ],
+)
+def test_files_needing_a_missing_package_say_which_and_how(
+    tmp_path: Path, monkeypatch, package, message
+) -> None:
+    fake = _fake_package(package)
+    monkeypatch.setitem(sys.modules, package, fake)
+    class_name = "MACELES" if package == "les" else "PolarMACE"
+    path = _pickled_as(tmp_path / "file.model", class_name, extra=fake.Part())
+    # with the package importable, the file loads and its class is refused
+    with pytest.raises(ValueError, match=f"holds a {class_name}"):
+        mace_file_to_model(str(path))
+    monkeypatch.delitem(sys.modules, package)
+    with pytest.raises(ValueError, match=message):
+        mace_file_to_model(str(path))

@@ -9,12 +9,13 @@ import sys
 import urllib.error
 from pathlib import Path
 
+import ase.build
 import pytest
 from mace.calculators import foundations_models
 
 from helpers.mace_files import CHARGE_SPIN_SPECS, save_mace_model
 from helpers.options import energy_dataset_info, file_model
-from helpers.parity import assert_agree, assert_parity
+from helpers.parity import assert_agree, assert_parity, evaluate, mace_calculator
 from metatrain_mace import export_mace_model
 from metatrain_mace.trunk import foundation_names
 
@@ -155,3 +156,35 @@ def test_export_command_by_name(tmp_path: Path) -> None:
     from metatomic_ase import MetatomicCalculator
 
     assert_agree(MetatomicCalculator(str(tmp_path / "off.pt")), file, None, "float64")
+
+
+def test_mace_anicc_by_name(cache: Path, tmp_path: Path, monkeypatch, caplog):
+    """mace_anicc keeps its model inside mace-torch's folder (module_dir here
+    points at a temporary one); the family name alone names its only model."""
+    monkeypatch.setattr(foundations_models, "module_dir", str(tmp_path / "mace-dir"))
+    model = foundation_names.lookup("mace_anicc")
+    assert model.label == "mace_anicc:ani500k_large_CC"
+    assert model.url.endswith("/ani500k_large_CC.model")
+    assert "mace_anicc" in foundation_names.valid_names()
+    assert model.cache_file() == (
+        tmp_path / "mace-dir" / "foundations_models" / "ani500k_large_CC.model"
+    )
+    # not there yet: the offline download fails and says where to put the file
+    with pytest.raises(RuntimeError, match="ani500k_large_CC") as error:
+        export_mace_model("mace_anicc", str(tmp_path / "x.pt"))
+    assert str(model.cache_file()) in str(error.value)
+
+    # (fetch made the folder, as mace-torch's own download would)
+    file = save_mace_model(model.cache_file(), atomic_numbers=[1, 6, 7, 8], seed=7)
+    output = tmp_path / "model.pt"
+    with caplog.at_level(logging.INFO):
+        export_mace_model("mace_anicc", str(output), dtype="float64")
+    assert f"Using {model.label} from mace-torch's cache: {file}" in caplog.text
+    from metatomic_ase import MetatomicCalculator
+
+    molecule = ase.build.molecule("CH3CONH2")
+    molecule.rattle(0.05, seed=1)
+    calculator = MetatomicCalculator(str(output))
+    e, f, _ = evaluate(calculator, molecule)
+    e_ref, f_ref, _ = evaluate(mace_calculator(file, None, "float64"), molecule)
+    assert abs(e - e_ref) < 1e-8 and abs(f - f_ref).max() < 1e-8

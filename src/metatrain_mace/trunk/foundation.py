@@ -57,6 +57,44 @@ CHECKPOINT_ADVICE = (
 """What to do with a checkpoint given where a MACE file is needed, in ``mtt train``."""
 
 
+#: MACE model classes whose extra parts this package does not run (yet): loaded
+#: as a plain MACE they would silently lose them
+NOT_SUPPORTED = {
+    "MACELES": "latent Ewald summation (MACELES) adds a long-range energy computed "
+    "by the 'les' package",
+    "PolarMACE": "PolarMACE (MACE-POLAR-1) adds long-range electrostatics, charges "
+    "and fields computed by the 'graph-longrange' package",
+    "AtomicDipolesMACE": "AtomicDipolesMACE predicts dipoles",
+    "AtomicDielectricMACE": "AtomicDielectricMACE predicts dipoles and "
+    "polarizabilities",
+    "EnergyDipolesMACE": "EnergyDipolesMACE predicts energies and dipoles",
+}
+
+#: the modules that the pickles of those classes need, and how to get them
+MISSING_PACKAGES = {
+    "les": "MACELES files need the 'les' package, which is not on PyPI and carries a "
+    "non-commercial licence (CC-BY-NC-4.0), so metatrain-mace does not install "
+    "it; install it yourself if its licence suits you: pip install "
+    "git+https://github.com/ChengUCB/les",
+    "graph_longrange": "PolarMACE files (MACE-POLAR-1) need the 'graph-longrange' "
+    "package (pip install graph-longrange==0.4.0, the version mace-torch 0.3.16 "
+    "works with)",
+}
+
+
+def _refuse_unsupported(loaded: torch.nn.Module, path: str, source: str) -> None:
+    """Refuse the MACE classes of :data:`NOT_SUPPORTED`, naming what they add."""
+    name = type(loaded).__name__
+    if name in NOT_SUPPORTED and type(loaded).__module__.startswith("mace."):
+        raise ValueError(
+            f"{path!r} ({source}) holds a {name}: {NOT_SUPPORTED[name]}, which "
+            "metatrain-mace does not run yet; loading it as a plain MACE would "
+            "silently drop that part. Use mace-torch's MACECalculator for this "
+            "model. Supported: MACE and ScaleShiftMACE files (one or several "
+            "heads, ZBL, charge/spin embeddings)."
+        )
+
+
 @quiet_torchscript()
 def load_mace_file(
     path: str,
@@ -89,6 +127,13 @@ def load_mace_file(
         # a whole pickled module cannot be loaded with weights_only=True; this is the
         # one file the user asked for
         loaded = torch.load(file, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as err:
+        if err.name in MISSING_PACKAGES:
+            raise ValueError(
+                f"{str(path)!r} ({source}) cannot be read without the module "
+                f"'{err.name}': {MISSING_PACKAGES[err.name]}"
+            ) from err
+        raise ValueError(_unreadable(file, source, err)) from err
     except Exception as err:
         raise ValueError(_unreadable(file, source, err)) from err
     if isinstance(loaded, dict):
@@ -98,6 +143,7 @@ def load_mace_file(
             "state dict or a checkpoint, not a MACE model. A MACE model file is a "
             f"whole model saved with torch.save(model); {checkpoint_advice}"
         )
+    _refuse_unsupported(loaded, str(path), source)
     if not isinstance(loaded, mace_modules.MACE):
         raise ValueError(
             f"{str(path)!r} ({source}) holds a {type(loaded).__module__}."

@@ -1,5 +1,6 @@
 """MACE foundation models by name (``mace_mp:medium-mpa-0``, ``mace_off:small``,
-``mace_omol:extra_large``, ``mh-1``), resolved through mace-torch's own tables.
+``mace_omol:extra_large``, ``mh-1``, ``mace_anicc``), resolved through mace-torch's
+own tables.
 
 mace-torch keeps the download addresses of its foundation models in
 ``mace.calculators.foundations_models`` and caches downloads in
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 
-FAMILIES = ("mace_mp", "mace_off", "mace_omol")
+FAMILIES = ("mace_mp", "mace_off", "mace_omol", "mace_anicc")
 
 
 @dataclass
@@ -40,6 +41,12 @@ class FoundationModel:
         from mace.tools.utils import get_cache_dir
 
         basename = os.path.basename(self.url)
+        if self.family == "mace_anicc":
+            # mace_anicc() keeps its model inside mace-torch's own folder
+            from mace.calculators import foundations_models
+
+            folder = Path(foundations_models.module_dir) / "foundations_models"
+            return folder / basename
         if self.family == "mace_mp":
             # download_mace_mp_checkpoint keeps letters, digits and "_" only
             basename = "".join(c for c in basename if c.isalnum() or c in "_")
@@ -62,6 +69,16 @@ def _omol_urls() -> Dict[str, str]:
     return names
 
 
+def _anicc_urls() -> Dict[str, str]:
+    """The address of mace_anicc's model, read from ``mace_anicc()``'s constants
+    (the table lives inside the function, as MACE-OMOL's)."""
+    from mace.calculators.foundations_models import mace_anicc
+
+    constants = mace_anicc.__code__.co_consts
+    urls = [c for c in constants if isinstance(c, str) and c.startswith("http")]
+    return {os.path.basename(url).removesuffix(".model"): url for url in urls}
+
+
 def registry() -> Dict[str, FoundationModel]:
     """Every named model mace-torch knows, as ``family:name``."""
     from mace.calculators import foundations_models
@@ -78,7 +95,16 @@ def registry() -> Dict[str, FoundationModel]:
         FoundationModel("mace_omol", name, url, head="omol")
         for name, url in _omol_urls().items()
     ]
+    models += [
+        FoundationModel("mace_anicc", name, url) for name, url in _anicc_urls().items()
+    ]
     return {model.label: model for model in models}
+
+
+def _only_model_of(family: str) -> Optional[FoundationModel]:
+    """The model of a family that has a single one (``mace_anicc``)."""
+    members = [m for m in registry().values() if m.family == family]
+    return members[0] if len(members) == 1 else None
 
 
 def valid_names() -> List[str]:
@@ -88,6 +114,7 @@ def valid_names() -> List[str]:
     names = list(models)
     bare = [model.name for model in models.values()]
     names += sorted(name for name in set(bare) if bare.count(name) == 1)
+    names += [family for family in FAMILIES if _only_model_of(family) is not None]
     return names
 
 
@@ -99,6 +126,8 @@ def lookup(name: str) -> Optional[FoundationModel]:
     models = registry()
     if name in models:
         return models[name]
+    if name in FAMILIES and _only_model_of(name) is not None:
+        return _only_model_of(name)
     matches = [model for model in models.values() if model.name == name]
     if len(matches) > 1:
         raise ValueError(
