@@ -44,6 +44,16 @@ ORDINARY = {
 }
 
 
+# LoRA fine-tuning with a replay head: 'energy/new' starts as a copy of MACE's
+# readout of 'energy'
+LORA_WITH_REPLAY_HEAD = {
+    "method": "lora",
+    "read_from": "x",
+    "config": {"rank": 2, "alpha": 4.0},
+    "inherit_heads": {"energy/new": "energy"},
+}
+
+
 def default_model(**changes: Any) -> dict:
     """The default model hypers, with ``changes``."""
     return {**copy.deepcopy(get_default_hypers(NAME)["model"]), **changes}

@@ -5,6 +5,7 @@ target, value and gradient), and MACE model files loaded directly. The rebuilt
 model must match them exactly: same state, same numbers.
 """
 
+import copy
 import json
 import zipfile
 
@@ -17,7 +18,7 @@ from metatrain.utils.data.target_info import get_energy_target_info
 
 from helpers.datasets import mixed_structures
 from helpers.mace_files import CHARGE_SPIN_SPECS, ELEMENTS, save_mace_model
-from helpers.options import ORDINARY, default_model
+from helpers.options import LORA_WITH_REPLAY_HEAD, ORDINARY, default_model
 from helpers.parity import predict
 from helpers.symmetry import all_kinds_dataset_info, structures
 from metatrain_mace import MetaMACE, export_mace_model
@@ -136,15 +137,7 @@ def test_fine_tuned_readout_heads_and_lora_adapters(tmp_path) -> None:
         "head_hidden_sizes": [8],
     }
     model = MetaMACE(hypers, info)
-    apply_finetuning(
-        model,
-        {
-            "method": "lora",
-            "read_from": "x",
-            "config": {"rank": 2, "alpha": 4.0},
-            "inherit_heads": {"energy/new": "energy"},
-        },
-    )
+    apply_finetuning(model, copy.deepcopy(LORA_WITH_REPLAY_HEAD))
     torch.manual_seed(3)
     with torch.no_grad():
         for name, parameter in model.named_parameters():

@@ -6,6 +6,7 @@ built from hypers, fine-tuned from a MACE file (full, heads, frozen layers, LoRA
 replay heads), multi-head with ZBL, charge/spin, cuEquivariance-trained.
 """
 
+import copy
 import gzip
 import logging
 import shutil
@@ -24,6 +25,7 @@ from metatrain.utils.data.target_info import get_generic_target_info
 from helpers.datasets import mixed_structures
 from helpers.mace_files import CHARGE_SPIN_SPECS, ELEMENTS, save_mace_model
 from helpers.options import (
+    LORA_WITH_REPLAY_HEAD,
     ORDINARY,
     default_model,
     default_training,
@@ -139,15 +141,7 @@ def _fine_tuned(method: str, **file_kwargs) -> Callable[[Path], MetaMACE]:
 def _lora_and_replay_head(tmp_path: Path) -> MetaMACE:
     hypers = file_model(_file(tmp_path, pair_repulsion=True), head_hidden_sizes=[8])
     model = MetaMACE(hypers, two_energies(ELEMENTS))
-    apply_finetuning(
-        model,
-        {
-            "method": "lora",
-            "read_from": "x",
-            "config": {"rank": 2, "alpha": 4.0},
-            "inherit_heads": {"energy/new": "energy"},
-        },
-    )
+    apply_finetuning(model, copy.deepcopy(LORA_WITH_REPLAY_HEAD))
     new = {z: 0.4 * i - 2.0 for i, z in enumerate(ELEMENTS)}
     _baselines(
         model,
