@@ -220,7 +220,7 @@ def test_mace_calculator_on_the_written_file_equals_our_export(
         assert str(left_out) in caplog.text
 
 
-def test_charge_and_spin_models(tmp_path) -> None:
+def test_charge_and_spin_models(tmp_path, caplog) -> None:
     models = {
         "file": _fine_tuned(
             "full", embedding_specs=CHARGE_SPIN_SPECS, use_embedding_readout=True
@@ -231,7 +231,9 @@ def test_charge_and_spin_models(tmp_path) -> None:
         exported = tmp_path / f"{name}.pt"
         model.export().save(str(exported))
         written = tmp_path / f"{name}.model"
-        torch.save(to_mace_module(model), written)
+        with caplog.at_level(logging.INFO):
+            torch.save(to_mace_module(model), written)
+        assert "symmetrix-xl 0.1.1 ignores them" in caplog.text
         ours = MetatomicCalculator(str(exported), device="cpu")
         reference = mace_calculator(written, None, "float64")
         for atoms in charged_structures():

@@ -162,6 +162,12 @@ def to_mace_module(
         )
     mace.load_state_dict(weights, strict=False)
 
+    if hasattr(mace, "joint_embedding"):
+        logging.info(
+            "The MACE file reads the total charge and spin (atoms.info['charge'], "
+            "['spin'] in MACECalculator); not every MACE engine does: symmetrix-xl "
+            "0.1.1 ignores them (measured: 4 eV off on a charged model)"
+        )
     # MACE adds its charge/spin embedding readout unscaled; this model scales it
     factor = scale * float(trunk.embedding_energy_factor)
     if hasattr(mace, "embedding_readout") and factor != 1.0:
