@@ -252,13 +252,16 @@ class MetaMACE(ModelInterface[ModelHypers]):
             torch.stack([system_index, atom_index], dim=1).to(torch.int32),
             assume_unique=True,
         )
-        # the concatenated features feed the heads and the "feature" output only
+        # the concatenated features feed the heads, the "feature" output and the
+        # long-range energy only
         all_features = features[-1]
         scalar_features = features[-1]
+        wants_long_range = self._wants_long_range(outputs)
         if (
             "feature" in outputs
             or "mtt::aux::mace_features" in outputs
             or self._needs_heads(outputs)
+            or wants_long_range
         ):
             all_features, scalar_features = self.trunk.concatenated(features)
 
@@ -276,7 +279,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
         head_target = self.mace_head_target
         head_llf = last_layer_features_name(head_target)
-        long_range_energy = self._long_range_energy(systems, features, vectors, outputs)
+        long_range_energy: Optional[torch.Tensor] = None
+        if hasattr(self, "long_range"):
+            if wants_long_range:
+                lengths = torch.linalg.norm(vectors, dim=-1)
+                long_range_energy = self.long_range(systems, scalar_features, lengths)
         if head_target in self.target_names and (
             head_target in outputs or head_llf in outputs
         ):
@@ -327,23 +334,13 @@ class MetaMACE(ModelInterface[ModelHypers]):
             check_finite(head_target, result[head_target])
         return result
 
-    def _long_range_energy(
-        self,
-        systems: List[System],
-        features: List[torch.Tensor],
-        vectors: torch.Tensor,
-        outputs: Dict[str, ModelOutput],
-    ) -> Optional[torch.Tensor]:
-        """The per-atom long-range energy when the model has one and an energy
-        (MACE's readout or a copy of it) is requested; ``None`` otherwise."""
+    def _wants_long_range(self, outputs: Dict[str, ModelOutput]) -> bool:
+        """Whether the model has a long-range energy and an energy (MACE's readout
+        or a copy of it) is requested."""
         if not hasattr(self, "long_range"):
-            return None
+            return False
         energies = [self.mace_head_target] + self.heads.readout_heads
-        if not any(name in outputs for name in energies):
-            return None
-        _, scalar_features = self.trunk.concatenated(features)
-        lengths = torch.linalg.norm(vectors, dim=-1)
-        return self.long_range(systems, scalar_features, lengths)
+        return any(name in outputs for name in energies)
 
     def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
         for name in self.heads.keys():

@@ -19,7 +19,7 @@ baseline and scale of the target. The file records which versions wrote it.
 
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -68,23 +68,6 @@ def _scale(model: MetaMACE, target: str) -> float:
     """The scale metatrain's scaler multiplies ``target`` by."""
     values = model.scaler.model.scales[target].block().values
     return float(values.reshape(-1)[0])
-
-
-def _head_arrays(
-    mace: torch.nn.Module, n_heads: int
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MACE's per-head atomic energies ``[n_heads, n_elements]``, scales and
-    shifts ``[n_heads]`` (scale 1, shift 0 for a plain ``MACE``)."""
-    energies = torch.atleast_2d(mace.atomic_energies_fn.atomic_energies.detach())
-    energies = energies.to(torch.float64).cpu().numpy().copy()
-    scales = np.ones(n_heads)
-    shifts = np.zeros(n_heads)
-    if hasattr(mace, "scale_shift"):
-        scale_shift = mace.scale_shift
-        scales = torch.atleast_1d(scale_shift.scale).to(torch.float64).cpu().numpy()
-        shifts = torch.atleast_1d(scale_shift.shift).to(torch.float64).cpu().numpy()
-        scales, shifts = scales.copy(), shifts.copy()
-    return energies, scales, shifts
 
 
 def to_mace_module(
@@ -138,7 +121,12 @@ def to_mace_module(
     args["use_reduced_cg"] = mace_args.reduced_cg(trunk.mace)
     n_heads = len(args["heads"])
     head = trunk.head_index
-    energies, scales, shifts = _head_arrays(trunk.mace, n_heads)
+    # the file's own per-head values (a plain MACE: scale 1, shift 0); the trained
+    # head gets the target's
+    energies = np.atleast_2d(args["atomic_energies"]).astype(np.float64)
+    scales = np.atleast_1d(args.get("atomic_inter_scale", np.ones(n_heads)))
+    shifts = np.atleast_1d(args.get("atomic_inter_shift", np.zeros(n_heads)))
+    scales, shifts = scales.astype(np.float64), shifts.astype(np.float64)
     composition = _composition(model, target)
     elements = foundation.atomic_numbers(trunk.mace)
     energies[head] = [composition.get(z, 0.0) for z in elements]
@@ -177,7 +165,8 @@ def to_mace_module(
     mace.metatrain_mace_version = __version__
     mace.mace_torch_version = mace_version()
     mace.written_by = (
-        f"metatrain-mace {__version__} (mace-torch {mace_version()}), target '{target}'"
+        f"metatrain-mace {__version__} (mace-torch {mace.mace_torch_version}), "
+        f"target '{target}'"
     )
     return mace
 
