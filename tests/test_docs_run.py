@@ -11,7 +11,8 @@ reStructuredText pages, ``<!-- runnable: KIND -->`` in README.md. KIND is
 
 The blocks of one page run in order, in one folder that holds tiny versions of
 the files the pages use (``alloy.xyz`` and ``my-data.xyz`` with energies, forces,
-stresses and dipoles; a small MACE file ``MACE-foundation.model``; a copy of
+stresses and dipoles; a small MACE file ``MACE-foundation.model`` and an
+``AtomicDielectricMACE`` file ``MACE-mu.model``; a copy of
 ``examples/``). Options files train one epoch (``num_epochs`` above 1 becomes 1).
 """
 
@@ -27,10 +28,11 @@ from typing import Dict, List, Tuple
 import ase.io
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from helpers.datasets import make_alloy
-from helpers.mace_files import save_mace_model
+from helpers.mace_files import build_dipole_model, save_mace_model
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,6 +191,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ase.io.write(folder / "tiny.xyz", frames[:2], format="extxyz")
     ase.io.write(folder / "replay.xyz", frames[8:], format="extxyz")
     save_mace_model(folder / "MACE-foundation.model", atomic_numbers=[29, 79])
+    torch.save(
+        build_dipole_model("dielectric", atomic_numbers=[29, 79]),
+        folder / "MACE-mu.model",
+    )
     from metatrain_mace.tools.export import export_mace_model
 
     export_mace_model(str(folder / "MACE-foundation.model"), str(folder / "model.pt"))

@@ -9,7 +9,8 @@
   ``avg_num_neighbors`` become ``trunk.mace.*``, ``trunk.conditioning.*`` and
   ``trunk.avg_num_neighbors``; names in the hypers and in ``finetune_config`` keep
   the names of the MACE model, see :mod:`metatrain_mace.parameter_names`), model
-  version 6 the ``long_range`` hyper, trainer
+  version 6 the ``long_range`` hyper, model version 7 the ``mace_dipole_target``
+  and ``mace_polarizability_target`` hypers, trainer
   version 2 the ``frozen_layers`` and
   ``lr_factors`` hypers, trainer version 3 the EMA and stage two of MACE's recipe.
 - Files that survive crashes. Every checkpoint and exported model this package
@@ -102,12 +103,21 @@ def _model_v5_to_v6(checkpoint: Dict[str, Any]) -> None:
     hypers.setdefault("long_range", dict(LONG_RANGE_DEFAULTS))
 
 
+def _model_v6_to_v7(checkpoint: Dict[str, Any]) -> None:
+    """v7 has the ``mace_dipole_target`` and ``mace_polarizability_target`` hypers
+    (for MACE files of the dipole classes, which earlier versions refused)."""
+    hypers = checkpoint["model_data"]["model_hypers"]
+    hypers.setdefault("mace_dipole_target", "mtt::dipole")
+    hypers.setdefault("mace_polarizability_target", "mtt::polarizability")
+
+
 MODEL_UPDATES: Dict[int, Update] = {
     1: _model_v1_to_v2,
     2: _model_v2_to_v3,
     3: _model_v3_to_v4,
     4: _model_v4_to_v5,
     5: _model_v5_to_v6,
+    6: _model_v6_to_v7,
 }
 
 

@@ -216,6 +216,16 @@ class ModelHypers(TypedDict):
     mace_head_target: str = "energy"
     """Target predicted by MACE's own readout (the per-atom energy readouts). Every
     other target gets a head of its own on the MACE node features."""
+    mace_dipole_target: str = "mtt::dipole"
+    """Target predicted by the dipole readout of a MACE file of a dipole class
+    (``AtomicDipolesMACE``, ``AtomicDielectricMACE``, ``EnergyDipolesMACE``): a
+    per-structure Cartesian vector (or spherical ``o3_lambda=1, o3_sigma=1``
+    block). Unused for other models (the target, if any, then gets a head of its
+    own). See :ref:`response-properties`."""
+    mace_polarizability_target: str = "mtt::polarizability"
+    """Target predicted by the polarizability readout of an ``AtomicDielectricMACE``
+    file: a per-structure symmetric Cartesian rank-2 tensor. Unused for other
+    models. See :ref:`response-properties`."""
     r_max: Annotated[float, Gt(0)] = 5.0
     """Cutoff radius (in the length unit of the dataset, usually Å). It sets the
     neighbour list requested from metatomic; the receptive field is

@@ -58,6 +58,7 @@ from metatrain_mace.trunk import backend, cueq, foundation
 from metatrain_mace.trunk.build import build_mace
 from metatrain_mace.trunk.graph import systems_to_graph
 from metatrain_mace.trunk.mace_trunk import MaceTrunk
+from metatrain_mace.trunk.response import OUTPUTS, readout_kind
 from metatrain_mace.trunk.scripting import (
     compiled_copy,
     save_model_atomically,
@@ -70,15 +71,20 @@ class MetaMACE(ModelInterface[ModelHypers]):
 
     The MACE trunk (``self.trunk``, holding a ``mace.modules.MACE`` as
     ``self.trunk.mace``) computes node features; the target named by
-    ``mace_head_target`` is MACE's own per-atom energy readout, and every other
-    target has a head in ``self.heads``. metatrain's composition baseline and
-    scaler are applied on top at evaluation.
+    ``mace_head_target`` is MACE's own per-atom energy readout (for mace-torch's
+    dipole classes, ``mace_dipole_target`` and ``mace_polarizability_target`` are
+    their readouts' dipoles and polarizabilities, see
+    :mod:`metatrain_mace.trunk.response`), and every other target has a head in
+    ``self.heads``. metatrain's composition baseline and scaler are applied on top
+    at evaluation.
 
     :param hypers: model hyperparameters (see :mod:`metatrain_mace.documentation`).
     :param dataset_info: targets, atomic types and length unit of the dataset.
     """
 
-    __checkpoint_version__ = 6
+    __checkpoint_version__ = 7
+    # TorchScript cannot infer the type of a (possibly empty) list
+    spherical_dipoles: List[str]
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float64, torch.float32]
     __default_metadata__ = ModelMetadata(
@@ -99,7 +105,6 @@ class MetaMACE(ModelInterface[ModelHypers]):
             its checkpoints (the file itself is then not read again).
         """
         super().__init__(hypers, dataset_info, self.__default_metadata__)
-        self.mace_head_target: str = self.hypers["mace_head_target"]
         self.from_file = hypers["mace_model"] is not None
         embedding_energy_factor = 1.0
         if self.from_file:
@@ -110,15 +115,23 @@ class MetaMACE(ModelInterface[ModelHypers]):
                     get_default_hypers(ARCHITECTURE_NAME)["model"],
                     mace,
                 )
+            kind = readout_kind(mace)
             if hypers["enable_cueq"]:
+                if kind != "energy":
+                    raise ValueError(
+                        f"'enable_cueq: true', but {hypers['mace_model']!r} holds a "
+                        f"{type(mace).__name__}, which mace-torch builds with e3nn "
+                        "only: set 'enable_cueq: false'"
+                    )
                 mace = cueq.convert(mace, True)
             head_index = foundation.select_head(
                 mace,
                 hypers["mace_head_name"],
                 foundation.default_head(hypers["mace_model"]),
             )
+            self.readout_targets = self._readout_targets(kind)
             foundation.check_dataset(
-                mace, dataset_info, hypers["mace_model"], self.mace_head_target
+                mace, dataset_info, hypers["mace_model"], self.readout_targets
             )
             # the model keeps every element of the file, not only the dataset's
             self.atomic_types: List[int] = sorted(foundation.atomic_numbers(mace))
@@ -129,7 +142,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
                 _, scale = foundation.energy_baseline(mace, head_index)
                 embedding_energy_factor = 1.0 / scale
         else:
-            check_head_target(self.mace_head_target, dataset_info)
+            self.readout_targets = self._readout_targets("energy")
+            check_head_target(hypers["mace_head_target"], dataset_info)
             self.atomic_types = sorted(int(t) for t in dataset_info.atomic_types)
             mace = build_mace(dict(hypers), self.atomic_types)
             head_index = 0
@@ -167,7 +181,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
         self.heads = TargetHeads(
             layout,
             list(self.hypers["head_hidden_sizes"]),
-            self.mace_head_target,
+            self.readout_targets,
+            hasattr(self.trunk, "response"),
             self.atomic_types,
             dataset_info.length_unit,
         )
@@ -186,6 +201,12 @@ class MetaMACE(ModelInterface[ModelHypers]):
             )
         self.assembly = OutputAssembly()
         self.target_names: List[str] = []
+        # dipole targets of a dipole class given as spherical blocks (m = -1, 0, 1
+        # are y, z, x), and where their components are among (x, y, z)
+        self.spherical_dipoles: List[str] = []
+        self.register_buffer(
+            "xyz_to_spherical", torch.tensor([1, 2, 0]), persistent=False
+        )
         # metatrain's LLPR reads one last-layer feature size for all targets: the
         # features of every target are zero-padded to the largest size, which leaves
         # LLPR uncertainties unchanged (zero features add nothing to f^T C^-1 f)
@@ -208,6 +229,29 @@ class MetaMACE(ModelInterface[ModelHypers]):
         # back would keep float32 accuracy and break float64 equivariance (1e-9
         # instead of 1e-14); training casts the model down when asked
         self.to(torch.float64)
+
+    def _readout_targets(self, kind: str) -> Dict[str, str]:
+        """The targets of the outputs of MACE's readouts of ``kind`` (see
+        :mod:`metatrain_mace.trunk.response`), from the ``mace_*_target`` hypers;
+        sets ``mace_head_target``, the target of MACE's energy readout (``""``
+        when the readouts predict no energy)."""
+        names = {
+            "energy": self.hypers["mace_head_target"],
+            "dipole": self.hypers["mace_dipole_target"],
+            "polarizability": self.hypers["mace_polarizability_target"],
+        }
+        targets = {names[output]: output for output in OUTPUTS[kind]}
+        if len(targets) != len(OUTPUTS[kind]):
+            raise ValueError(
+                f"the readouts of this MACE model predict {OUTPUTS[kind]}, but "
+                f"'mace_head_target', 'mace_dipole_target' and "
+                f"'mace_polarizability_target' give some of them the same target "
+                f"name ({names}): give each its own name"
+            )
+        self.mace_head_target: str = (
+            names["energy"] if "energy" in OUTPUTS[kind] else ""
+        )
+        return targets
 
     def supported_outputs(self) -> Dict[str, ModelOutput]:
         return self.outputs
@@ -284,17 +328,39 @@ class MetaMACE(ModelInterface[ModelHypers]):
             if wants_long_range:
                 lengths = torch.linalg.norm(vectors, dim=-1)
                 long_range_energy = self.long_range(systems, scalar_features, lengths)
+        response: Dict[str, torch.Tensor] = {}
+        if hasattr(self.trunk, "response"):
+            # the readouts of mace-torch's dipole classes (see trunk.response)
+            response = self._response(
+                systems, outputs, features, system_index, scalar_features
+            )
+            for name, output in self.readout_targets.items():
+                if output != "energy" and name in outputs:
+                    result[name] = assembly.tensor_map(
+                        name, [response[name]], samples, outputs[name], selected_atoms
+                    )
+                llf_name = last_layer_features_name(name)
+                if output != "energy" and llf_name in outputs:
+                    result[llf_name] = assembly.features_map(
+                        self._pad(scalar_features),
+                        samples,
+                        outputs[llf_name],
+                        selected_atoms,
+                    )
         if head_target in self.target_names and (
             head_target in outputs or head_llf in outputs
         ):
-            energy, llf = self.trunk.readout_energy(
-                features,
-                node_attrs,
-                edge_index,
-                vectors,
-                head_llf in outputs,
-                conditioning,
-            )
+            if hasattr(self.trunk, "response"):
+                energy, llf = response[head_target], scalar_features
+            else:
+                energy, llf = self.trunk.readout_energy(
+                    features,
+                    node_attrs,
+                    edge_index,
+                    vectors,
+                    head_llf in outputs,
+                    conditioning,
+                )
             if long_range_energy is not None:
                 energy = energy + long_range_energy
             if head_target in outputs:
@@ -333,6 +399,38 @@ class MetaMACE(ModelInterface[ModelHypers]):
         if not self.training and head_target in result:
             check_finite(head_target, result[head_target])
         return result
+
+    def _response(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        features: List[torch.Tensor],
+        system_index: torch.Tensor,
+        scalar_features: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        """Per-atom values of the requested targets of the readouts of a dipole
+        class, by target name, in the layout of the target's block (Cartesian
+        x, y, z; spherical (y, z, x), m = -1, 0, 1)."""
+        wanted = False
+        for name in self.readout_targets.keys():
+            if name in outputs or last_layer_features_name(name) in outputs:
+                wanted = True
+        values: Dict[str, torch.Tensor] = {}
+        if not wanted:
+            return values
+        positions = torch.cat([system.positions for system in systems])
+        per_atom = self.trunk.response_outputs(
+            features, positions, system_index, self.trunk.total_charge(systems)
+        )
+        for name, output in self.readout_targets.items():
+            value = per_atom[output]
+            if output != "energy":
+                if name in self.spherical_dipoles:
+                    value = value.index_select(1, self.xyz_to_spherical)
+                # one property
+                value = value.unsqueeze(-1)
+            values[name] = value
+        return values
 
     def _wants_long_range(self, outputs: Dict[str, ModelOutput]) -> bool:
         """Whether the model has a long-range energy and an energy (MACE's readout
@@ -400,6 +498,8 @@ class MetaMACE(ModelInterface[ModelHypers]):
     def _add_output(self, name: str, info: TargetInfo) -> None:
         """Add the head (or MACE readout) and the outputs of one target."""
         spec = self.heads.add(name, info, self.trunk.mace.readouts)
+        if self.readout_targets.get(name) == "dipole" and info.is_spherical:
+            self.spherical_dipoles.append(name)
         self.last_layer_feature_sizes[name] = spec.last_layer_size
         self.target_names.append(name)
         self.outputs.update(spec.outputs)
@@ -410,6 +510,13 @@ class MetaMACE(ModelInterface[ModelHypers]):
         included) as its head, in place of its MLP head: the new target starts
         from the predictions of the file's head (MACE's multi-head fine-tuning)."""
         info = self.dataset_info.targets.get(name)
+        if hasattr(self.trunk, "response"):
+            raise ValueError(
+                f"cannot give {name!r} a copy of MACE's readout: the readouts of a "
+                f"{type(self.trunk.mace).__name__} predict "
+                f"{OUTPUTS[self.trunk.readout_kind]} together, not an energy alone; "
+                f"{name!r} keeps a head of its own"
+            )
         if name not in self.heads or info is None:
             raise ValueError(
                 f"cannot give {name!r} a copy of MACE's readout: it is not a target "
@@ -605,7 +712,11 @@ class MetaMACE(ModelInterface[ModelHypers]):
         first; e3nn modules cannot be scripted directly. The copy shares the
         parameters and leaves this model usable in eager mode.
         """
-        return compiled_copy(self, drop=[("trunk.mace", "joint_embedding")])
+        return compiled_copy(
+            self,
+            drop=[("trunk.mace", "joint_embedding")],
+            unused_forward=["trunk.mace"],
+        )
 
     def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
         if self.trunk.uses_cueq:

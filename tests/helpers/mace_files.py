@@ -114,3 +114,58 @@ def save_mace_model(path: Path, **kwargs) -> Path:
     """Build a model with :func:`build_mace_model` and ``torch.save`` it whole."""
     torch.save(build_mace_model(**kwargs), path)
     return path
+
+
+#: mace-torch's dipole classes, by the readout kind of metatrain_mace.trunk.response
+DIPOLE_CLASSES = {
+    "dipole": "AtomicDipolesMACE",
+    "dielectric": "AtomicDielectricMACE",
+    "energy_dipole": "EnergyDipolesMACE",
+}
+#: MLP irreps that each class's non-linear readout can take (its gate keeps only
+#: the irreps of the readout's output)
+_DIPOLE_MLP_IRREPS = {
+    "dipole": "8x1o",
+    "dielectric": "8x0e + 8x1o + 8x2e",
+    "energy_dipole": "8x0e + 8x1o",
+}
+
+
+def build_dipole_model(
+    kind: str,
+    seed: int = 0,
+    atomic_numbers: Sequence[int] = ELEMENTS,
+    r_max: float = 4.5,
+) -> torch.nn.Module:
+    """A small model of one of mace-torch's dipole classes (``kind`` a key of
+    :data:`DIPOLE_CLASSES`), float64, random weights (and E0s for the energy)."""
+    generator = np.random.default_rng(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(seed)
+    interaction = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+    try:
+        energies = None
+        if kind == "energy_dipole":
+            energies = generator.uniform(-5.0, -0.5, size=len(atomic_numbers))
+        model = getattr(modules, DIPOLE_CLASSES[kind])(
+            r_max=r_max,
+            num_bessel=6,
+            num_polynomial_cutoff=5,
+            max_ell=2,
+            interaction_cls=interaction,
+            interaction_cls_first=interaction,
+            num_interactions=2,
+            num_elements=len(atomic_numbers),
+            hidden_irreps=o3.Irreps("8x0e + 8x1o + 8x2e"),
+            MLP_irreps=o3.Irreps(_DIPOLE_MLP_IRREPS[kind]),
+            atomic_energies=energies,
+            avg_num_neighbors=6.5,
+            atomic_numbers=list(atomic_numbers),
+            correlation=2,
+            gate=torch.nn.functional.silu,
+            radial_MLP=[16, 16],
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()

@@ -1,8 +1,9 @@
 """The heads of the targets of :class:`~metatrain_mace.model.MetaMACE`.
 
 :class:`TargetHeads` holds one head per target (by target name, so that the
-parameters are ``heads.<target>.*``), except for ``mace_head_target``, whose
-prediction is MACE's own readout (in the trunk). It adds targets from their
+parameters are ``heads.<target>.*``), except for the targets of MACE's own readouts
+(``mace_head_target``, and the dipole and polarizability of the dipole classes),
+whose predictions come from the trunk. It adds targets from their
 :class:`~metatrain.utils.data.TargetInfo` and the
 :class:`~metatrain_mace.trunk.mace_trunk.FeatureLayout` of the trunk, and describes
 each added target by a :class:`TargetSpec`: what the model needs to build its
@@ -31,7 +32,11 @@ from metatrain_mace.heads.blocks import (
 from metatrain_mace.heads.coupling import CoupledBlock, coupled_parts
 from metatrain_mace.heads.features import IrrepGather
 from metatrain_mace.heads.products import ProductBlock, product_order
-from metatrain_mace.heads.targets import check_target, last_layer_features_name
+from metatrain_mace.heads.targets import (
+    check_readout_target,
+    check_target,
+    last_layer_features_name,
+)
 from metatrain_mace.mace_import import o3
 from metatrain_mace.trunk import cueq
 from metatrain_mace.trunk.backend import float64_default
@@ -64,7 +69,12 @@ class TargetHeads(torch.nn.ModuleDict):
 
     :param layout: the node features the heads read.
     :param head_hidden_sizes: hidden layers of the MLP heads of scalar targets.
-    :param mace_head_target: the target predicted by MACE's own readout (no head).
+    :param readout_targets: the targets predicted by MACE's own readouts (no
+        head), each with the readouts' output (``energy``, ``dipole``,
+        ``polarizability``).
+    :param response: whether MACE's readouts are those of a dipole class (see
+        :mod:`metatrain_mace.trunk.response`), whose targets' last-layer features
+        are the scalar node features.
     :param atomic_types: atomic types of the model.
     :param length_unit: length unit of the dataset.
     """
@@ -76,14 +86,16 @@ class TargetHeads(torch.nn.ModuleDict):
         self,
         layout: FeatureLayout,
         head_hidden_sizes: List[int],
-        mace_head_target: str,
+        readout_targets: Dict[str, str],
+        response: bool,
         atomic_types: List[int],
         length_unit: str,
     ) -> None:
         super().__init__()
         self.layout = layout
         self.head_hidden_sizes = list(head_hidden_sizes)
-        self.mace_head_target = mace_head_target
+        self.readout_targets = dict(readout_targets)
+        self.response = response
         self.atomic_types = atomic_types
         self.length_unit = length_unit
         # targets whose head is a copy of MACE's readouts (see add_readout_head)
@@ -92,7 +104,7 @@ class TargetHeads(torch.nn.ModuleDict):
     def add(
         self, name: str, info: TargetInfo, readouts: torch.nn.ModuleList
     ) -> TargetSpec:
-        """Add the head of one target (none for ``mace_head_target``, whose
+        """Add the head of one target (none for the ``readout_targets``, whose
         prediction is ``readouts``, MACE's own)."""
         layout = self.layout
         check_target(
@@ -115,18 +127,15 @@ class TargetHeads(torch.nn.ModuleDict):
                     targets={name: info},
                 )
             ).targets[name]
-        if name == self.mace_head_target:
-            block = info.layout.block()
-            if not info.is_scalar or len(block.properties) != 1:
-                raise ValueError(
-                    f"'mace_head_target' is {name!r}, but MACE's readout predicts one "
-                    "scalar per atom and this target has "
-                    f"{len(block.properties)} properties of a non-scalar or "
-                    "multi-property kind; choose an energy-like target"
+        output = self.readout_targets.get(name)
+        if output is not None:
+            check_readout_target(name, info, output)
+            if self.response:
+                last_layer_size = layout.num_scalar_features
+            else:
+                last_layer_size = readout_last_layer_size(
+                    readouts, list(layout.layer_scalars)
                 )
-            last_layer_size = readout_last_layer_size(
-                readouts, list(layout.layer_scalars)
-            )
         elif info.is_scalar:
             self[name] = MLPHead(
                 layout.num_scalar_features,

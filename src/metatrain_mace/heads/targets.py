@@ -117,6 +117,64 @@ def check_target(
                 )
 
 
+#: the hyperparameter naming the target of each output of MACE's readouts
+READOUT_HYPERS = {
+    "energy": "mace_head_target",
+    "dipole": "mace_dipole_target",
+    "polarizability": "mace_polarizability_target",
+}
+
+
+def check_readout_target(name: str, info: TargetInfo, output: str) -> None:
+    """Refuse a target that MACE's readout ``output`` (``energy``, ``dipole``,
+    ``polarizability``) cannot predict as it is."""
+    hyper = READOUT_HYPERS[output]
+    block = info.layout.block(0)
+    n_blocks = len(info.layout)
+    one_property = n_blocks == 1 and len(block.properties) == 1
+    if output == "energy":
+        if info.is_scalar and one_property:
+            return
+        wanted = "one scalar per atom (an energy)"
+    elif output == "dipole":
+        spherical_vector = (
+            info.is_spherical
+            and len(block.components) == 1
+            and int(info.layout.keys[0]["o3_lambda"]) == 1
+            and int(info.layout.keys[0]["o3_sigma"]) == 1
+        )
+        cartesian_vector = info.is_cartesian and len(block.components) == 1
+        if (
+            (spherical_vector or cartesian_vector)
+            and one_property
+            and info.sample_kind == "system"
+        ):
+            return
+        wanted = (
+            "one vector per structure: a per-structure target of type "
+            "'cartesian: {rank: 1}' (or spherical, o3_lambda 1, o3_sigma 1) with one "
+            "property"
+        )
+    else:
+        if (
+            info.is_cartesian
+            and len(block.components) == 2
+            and one_property
+            and info.sample_kind == "system"
+        ):
+            return
+        wanted = (
+            "one symmetric 3x3 tensor per structure: a per-structure target of "
+            "type 'cartesian: {rank: 2}' with one property"
+        )
+    raise ValueError(
+        f"'{hyper}' is {name!r}, but MACE's {output} readout predicts {wanted}, "
+        f"and this target has {n_blocks} block(s), {len(block.properties)} "
+        f"properties and samples per {info.sample_kind!r}. Fix the target, or set "
+        f"'{hyper}' to another name to give this target a head of its own"
+    )
+
+
 def check_head_target(head_target: str, dataset_info: DatasetInfo) -> None:
     """Refuse a ``mace_head_target`` set to a name that is not a target: a typo
     would silently give the energy an MLP head instead of MACE's readout. The

@@ -89,6 +89,13 @@ def to_mace_module(
             "which a MACE model file cannot hold: the file would give other "
             "energies. Use the exported metatomic model (model.pt)"
         )
+    if model.trunk.readout_kind != "energy":
+        raise ValueError(
+            f"this model was built from a {type(model.trunk.mace).__name__} file, "
+            "whose readouts predict dipoles (and polarizabilities or energies) "
+            "together; to-mace writes energy models (MACE, ScaleShiftMACE). Use the "
+            "exported metatomic model (model.pt)"
+        )
     candidates = readout_targets(model)
     if not candidates:
         raise ValueError(

@@ -42,8 +42,19 @@ def fixed_weights_from_file(
     dict of per-type values replaces them type by type. A path to a metatrain
     checkpoint (a string) is left untouched.
     """
+    if not model.from_file:
+        return atomic_baseline, scaling_weights
+    if not isinstance(scaling_weights, str):
+        # the dipoles and polarizabilities of MACE's dipole classes come in the
+        # file's units, unscaled
+        unscaled = {
+            name: 1.0
+            for name, output in model.readout_targets.items()
+            if output != "energy" and name in model.dataset_info.targets
+        }
+        scaling_weights = {**unscaled, **scaling_weights}
     target = model.mace_head_target
-    if not model.from_file or target not in model.dataset_info.targets:
+    if target not in model.dataset_info.targets:
         return atomic_baseline, scaling_weights
     offsets, scale = energy_baseline(model.trunk.mace, model.trunk.head_index)
     if not isinstance(atomic_baseline, str):

@@ -62,6 +62,18 @@ def check_specs(specs: Dict[str, Any], source: str) -> None:
             )
 
 
+def system_input(systems: List[System], key: str, default: float) -> torch.Tensor:
+    """The per-system input ``key`` of every system in float64, ``default`` where
+    the system does not have it (TorchScript)."""
+    device = systems[0].positions.device
+    values = torch.full((len(systems),), default, dtype=torch.float64, device=device)
+    for i, system in enumerate(systems):
+        if key in system.known_data():
+            data = system.get_data(key).block().values.reshape(-1)
+            values[i] = data[0].to(torch.float64)
+    return values
+
+
 class SystemConditioning(torch.nn.Module):
     """MACE's joint embedding of total charge and spin, per atom.
 
@@ -89,16 +101,7 @@ class SystemConditioning(torch.nn.Module):
 
     def values(self, systems: List[System], name: str) -> torch.Tensor:
         """The quantity ``name`` of every system (MACE's default where absent)."""
-        device = systems[0].positions.device
-        values = torch.full(
-            (len(systems),), self.defaults[name], dtype=torch.float64, device=device
-        )
-        key = self.inputs[name]
-        for i, system in enumerate(systems):
-            if key in system.known_data():
-                data = system.get_data(key).block().values.reshape(-1)
-                values[i] = data[0].to(torch.float64)
-        return values
+        return system_input(systems, self.inputs[name], self.defaults[name])
 
     def _refuse(self, values: torch.Tensor, bad: torch.Tensor, name: str, why: str):
         """Raise for the first system whose value of ``name`` is ``bad``:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from metatrain_mace.checkpoints import is_intact
@@ -64,10 +65,6 @@ NOT_SUPPORTED = {
     "by the 'les' package",
     "PolarMACE": "PolarMACE (MACE-POLAR-1) adds long-range electrostatics, charges "
     "and fields computed by the 'graph-longrange' package",
-    "AtomicDipolesMACE": "AtomicDipolesMACE predicts dipoles",
-    "AtomicDielectricMACE": "AtomicDielectricMACE predicts dipoles and "
-    "polarizabilities",
-    "EnergyDipolesMACE": "EnergyDipolesMACE predicts energies and dipoles",
 }
 
 #: the modules that the pickles of those classes need, and how to get them
@@ -91,7 +88,8 @@ def _refuse_unsupported(loaded: torch.nn.Module, path: str, source: str) -> None
             "metatrain-mace does not run yet; loading it as a plain MACE would "
             "silently drop that part. Use mace-torch's MACECalculator for this "
             "model. Supported: MACE and ScaleShiftMACE files (one or several "
-            "heads, ZBL, charge/spin embeddings)."
+            "heads, ZBL, charge/spin embeddings), AtomicDipolesMACE, "
+            "AtomicDielectricMACE and EnergyDipolesMACE files."
         )
 
 
@@ -144,12 +142,17 @@ def load_mace_file(
             f"whole model saved with torch.save(model); {checkpoint_advice}"
         )
     _refuse_unsupported(loaded, str(path), source)
-    if not isinstance(loaded, mace_modules.MACE):
+    dipole_classes = (
+        mace_modules.AtomicDipolesMACE,
+        mace_modules.AtomicDielectricMACE,
+        mace_modules.EnergyDipolesMACE,
+    )
+    if not isinstance(loaded, (mace_modules.MACE, *dipole_classes)):
         raise ValueError(
             f"{str(path)!r} ({source}) holds a {type(loaded).__module__}."
             f"{type(loaded).__qualname__}, not a MACE model "
-            "(mace.modules.MACE or ScaleShiftMACE): give a model file written by "
-            "mace-torch."
+            "(mace.modules.MACE, ScaleShiftMACE or one of the dipole classes): "
+            "give a model file written by mace-torch."
         )
     if hasattr(loaded, "joint_embedding"):
         check_specs(dict(loaded.embedding_specs), repr(str(path)))
@@ -260,9 +263,9 @@ def file_hypers(mace: torch.nn.Module) -> Dict[str, Any]:
         "num_radial_basis": args["num_bessel"],
         "max_ell": args["max_ell"],
         "hidden_irreps": str(args["hidden_irreps"]),
-        "correlation": args["correlation"][0],
+        "correlation": int(np.atleast_1d(args["correlation"])[0]),
         "avg_num_neighbors": args["avg_num_neighbors"],
-        "pair_repulsion": args["pair_repulsion"],
+        "pair_repulsion": bool(args.get("pair_repulsion", False)),
     }
 
 
@@ -303,15 +306,16 @@ def check_dataset(
     mace: torch.nn.Module,
     dataset_info: Any,
     path: str,
-    head_target: Optional[str],
+    readout_targets: Optional[Dict[str, str]],
 ) -> None:
     """Refuse datasets the MACE file cannot describe, before any training.
 
     :param mace: the loaded MACE model.
     :param dataset_info: metatrain's ``DatasetInfo`` of the training data.
     :param path: the file's path, for the messages.
-    :param head_target: the target MACE's readout predicts; it must be in the
-        dataset (``None`` skips this check).
+    :param readout_targets: the targets MACE's readouts predict (target name to
+        the readouts' output); one of them must be in the dataset (``None`` skips
+        this check).
     """
     known = set(atomic_numbers(mace))
     unknown = sorted(int(t) for t in dataset_info.atomic_types if int(t) not in known)
@@ -321,10 +325,21 @@ def check_dataset(
             f"{str(path)!r} does not know (it knows {sorted(known)}); remove these "
             "structures or use a model trained on these elements"
         )
-    if head_target is not None and head_target not in dataset_info.targets:
-        raise ValueError(
-            f"'mace_head_target' is {head_target!r}, but the dataset has no such "
-            f"target (it has {sorted(dataset_info.targets)}). MACE's readout of "
-            f"{str(path)!r} predicts the energy: name the dataset's energy target "
-            "in 'mace_head_target'"
-        )
+    if readout_targets is None:
+        return
+    if any(name in dataset_info.targets for name in readout_targets):
+        return
+    hypers = {
+        "energy": "mace_head_target",
+        "dipole": "mace_dipole_target",
+        "polarizability": "mace_polarizability_target",
+    }
+    named = ", ".join(
+        f"'{hypers[output]}' is {name!r}" for name, output in readout_targets.items()
+    )
+    what = " and ".join(readout_targets.values())
+    raise ValueError(
+        f"{named}, but the dataset has no such target (it has "
+        f"{sorted(dataset_info.targets)}). MACE's readouts of {str(path)!r} predict "
+        f"the {what}: name the dataset's target(s) in these hyperparameters"
+    )

@@ -9,12 +9,13 @@ pickle.
 """
 
 import importlib
+import inspect
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from metatrain_mace.mace_import import o3
+from metatrain_mace.mace_import import mace_modules, o3
 from metatrain_mace.trunk.backend import float64_default, is_cueq
 
 
@@ -53,6 +54,11 @@ def _gate(readout: torch.nn.Module) -> Any:
     acts = getattr(activation, "acts", None)
     if acts:
         return acts[0].f
+    # the gated non-linearity of the dipole readouts
+    gated = getattr(readout, "equivariant_nonlin", None)
+    for name in ("_act_scalar", "_act_gate"):
+        if getattr(gated, name, None) is not None:
+            return getattr(gated, name)
     return None
 
 
@@ -95,9 +101,7 @@ def constructor_args(mace: torch.nn.Module) -> Dict[str, Any]:
         "num_elements": len(mace.atomic_numbers),
         "hidden_irreps": hidden,
         "MLP_irreps": mlp_irreps,
-        "atomic_energies": mace.atomic_energies_fn.atomic_energies.detach()
-        .cpu()
-        .numpy(),
+        "atomic_energies": _atomic_energies(mace),
         "avg_num_neighbors": float(interactions[0].avg_num_neighbors),
         "atomic_numbers": [int(z) for z in mace.atomic_numbers],
         "correlation": [_correlation(p) for p in products],
@@ -125,7 +129,31 @@ def constructor_args(mace: torch.nn.Module) -> Dict[str, Any]:
         args["atomic_inter_shift"] = (
             mace.scale_shift.shift.detach().cpu().numpy().copy()
         )
+    if not isinstance(mace, mace_modules.MACE):
+        args = _dipole_class_args(mace, args)
     return args
+
+
+def _atomic_energies(mace: torch.nn.Module) -> Any:
+    """The isolated-atom energies of ``mace`` (``None`` for the dipole classes
+    without an energy)."""
+    if not hasattr(mace, "atomic_energies_fn"):
+        return None
+    return mace.atomic_energies_fn.atomic_energies.detach().cpu().numpy()
+
+
+def _dipole_class_args(mace: torch.nn.Module, args: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments of mace-torch's dipole classes (``AtomicDipolesMACE``,
+    ``AtomicDielectricMACE``, ``EnergyDipolesMACE``): only those their constructor
+    takes; their non-linear readout keeps ``MLP_irreps`` whole."""
+    accepted = inspect.signature(type(mace).__init__).parameters
+    kept = {name: value for name, value in args.items() if name in accepted}
+    kept["MLP_irreps"] = _irreps(mace.readouts[-1].hidden_irreps)
+    # one correlation order for every layer
+    kept["correlation"] = int(args["correlation"][0])
+    if "use_polarizability" in accepted:
+        kept["use_polarizability"] = bool(mace.use_polarizability)
+    return kept
 
 
 def reduced_cg(mace: torch.nn.Module) -> bool:
@@ -203,7 +231,7 @@ def to_json(args: Dict[str, Any]) -> Dict[str, Any]:
         elif key in IRREPS_ARGS:
             value = None if value is None else str(_irreps(value))
         elif key in ARRAY_ARGS:
-            value = np.asarray(value, dtype=np.float64).tolist()
+            value = None if value is None else np.asarray(value, np.float64).tolist()
         elif key == "gate":
             value = _gate_name(value)
         plain[key] = value
@@ -221,7 +249,7 @@ def from_json(plain: Dict[str, Any]) -> Dict[str, Any]:
         elif key in IRREPS_ARGS:
             value = None if value is None else o3.Irreps(value)
         elif key in ARRAY_ARGS:
-            value = np.asarray(value, dtype=np.float64)
+            value = None if value is None else np.asarray(value, dtype=np.float64)
         elif key == "gate":
             value = None if value is None else _gate_function(value)
         args[key] = value

@@ -10,7 +10,7 @@ at construction, by a :class:`FeatureLayout` that the heads are built from.
 
 import dataclasses
 import logging
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from metatomic.torch import System
@@ -18,8 +18,9 @@ from metatomic.torch import System
 from metatrain_mace.mace_import import o3
 from metatrain_mace.trunk import backend, cueq, foundation
 from metatrain_mace.trunk.build import node_feature_irreps, set_avg_num_neighbors
-from metatrain_mace.trunk.conditioning import SystemConditioning
+from metatrain_mace.trunk.conditioning import SystemConditioning, system_input
 from metatrain_mace.trunk.irreps import probe_cluster, produced_irreps
+from metatrain_mace.trunk.response import ResponseReadout, readout_kind
 from metatrain_mace.trunk.slicing import split_tensor_product_inputs
 
 
@@ -79,6 +80,14 @@ class MaceTrunk(torch.nn.Module):
                 mace.joint_embedding, dict(mace.embedding_specs)
             )
 
+        # what MACE's readouts predict: an energy, or (mace-torch's dipole
+        # classes) dipoles, polarizabilities and energies, turned into per-atom
+        # Cartesian contributions by self.response
+        self.readout_kind = readout_kind(mace)
+        if self.readout_kind != "energy":
+            change_of_basis = getattr(mace, "change_of_basis", torch.zeros(0))
+            self.response = ResponseReadout(self.readout_kind, change_of_basis)
+
         # a faster backward pass for the e3nn tensor products (same values)
         split_tensor_product_inputs(self.mace)
         self.r_max = float(self.mace.r_max)
@@ -133,10 +142,15 @@ class MaceTrunk(torch.nn.Module):
 
     # ------------------------------------------------------- outside TorchScript
     def conditioning_inputs(self) -> List[str]:
-        """Names of the per-system inputs of the conditioning (none without)."""
-        if not hasattr(self, "conditioning"):
-            return []
-        return list(self.conditioning.inputs.values())
+        """Names of the per-system inputs the trunk reads: those of the
+        conditioning, and the total charge that the charges of an
+        ``AtomicDielectricMACE`` add up to."""
+        names: List[str] = []
+        if hasattr(self, "conditioning"):
+            names.extend(self.conditioning.inputs.values())
+        if self.readout_kind == "dielectric" and "charge" not in names:
+            names.append("charge")
+        return names
 
     def set_avg_num_neighbors(self, value: float) -> None:
         """Store the neighbour-sum normalisation and push it into MACE."""
@@ -289,6 +303,29 @@ class MaceTrunk(torch.nn.Module):
         if len(last_layer) == 0:
             return energy.unsqueeze(-1), energy.new_zeros((n_atoms, 0))
         return energy.unsqueeze(-1), torch.cat(last_layer, dim=-1)
+
+    def response_outputs(
+        self,
+        features: List[torch.Tensor],
+        positions: torch.Tensor,
+        system_index: torch.Tensor,
+        total_charge: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        """Per-atom energy, dipole and polarizability of the readouts of a
+        dipole-kind MACE (see :class:`~metatrain_mace.trunk.response.ResponseReadout`;
+        only compiled for those)."""
+        summed = torch.zeros(0, dtype=positions.dtype, device=positions.device)
+        n_readouts = len(self.mace.readouts)
+        for i, readout in enumerate(self.mace.readouts):
+            layer = len(features) - 1 if n_readouts == 1 else i
+            value = readout(features[layer])
+            summed = value if i == 0 else summed + value
+        return self.response(summed, positions, system_index, total_charge)
+
+    def total_charge(self, systems: List[System]) -> torch.Tensor:
+        """Total charge of every system (metatomic's ``charge`` input, 0 where
+        absent, as in MACE)."""
+        return system_input(systems, "charge", 0.0)
 
     def extra_energy(
         self,

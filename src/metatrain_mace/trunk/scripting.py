@@ -11,12 +11,13 @@ import contextlib
 import copy
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
 from metatrain_mace.checkpoints import replaced_atomically
 from metatrain_mace.mace_import import e3nn_jit
+from metatrain_mace.trunk.gate import ScriptableGate
 
 
 @contextlib.contextmanager
@@ -67,7 +68,9 @@ def tree_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 @quiet_torchscript()
 def compiled_copy(
-    module: torch.nn.Module, drop: Sequence[Tuple[str, str]] = ()
+    module: torch.nn.Module,
+    drop: Sequence[Tuple[str, str]] = (),
+    unused_forward: Sequence[str] = (),
 ) -> torch.nn.Module:
     """A :func:`tree_copy` of ``module`` with its e3nn submodules compiled.
 
@@ -75,13 +78,55 @@ def compiled_copy(
         is compiled: modules whose code TorchScript cannot compile and whose work
         is done by other modules of the copy (mace-torch's ``joint_embedding``,
         replaced by :class:`metatrain_mace.trunk.conditioning.SystemConditioning`).
+    :param unused_forward: submodules whose own ``forward`` the copy never calls
+        (the MACE module, whose blocks the trunk runs one by one): not compiled,
+        which saves time, and some of mace-torch's (``AtomicDipolesMACE``) cannot
+        be.
     """
     new = tree_copy(module)
     for path, name in drop:
         owner = new.get_submodule(path)
         if hasattr(owner, name):
             delattr(owner, name)
+    for path in unused_forward:
+        _skip_forward(new.get_submodule(path))
+    _swap_gates(new)
     return e3nn_jit.compile(new, in_place=True)
+
+
+#: subclasses whose forward TorchScript skips, by the class they derive from
+_SKIPPED_FORWARD: Dict[type, type] = {}
+
+
+def _skip_forward(module: torch.nn.Module) -> None:
+    """Make ``module`` (a copy) an instance of a subclass of its class whose
+    ``forward`` TorchScript does not compile (calling it raises)."""
+    cls = type(module)
+    if cls not in _SKIPPED_FORWARD:
+
+        @torch.jit.unused
+        def forward(
+            self: torch.nn.Module, data: Dict[str, torch.Tensor]
+        ) -> Dict[str, torch.Tensor]:
+            raise RuntimeError("the exported model runs the blocks of MACE only")
+
+        _SKIPPED_FORWARD[cls] = type(
+            cls.__name__, (cls,), {"forward": forward, "__module__": __name__}
+        )
+    module.__class__ = _SKIPPED_FORWARD[cls]
+
+
+def _swap_gates(module: torch.nn.Module) -> None:
+    """Replace mace-torch's ``GatedEquivariantBlock`` (the gate of the non-linear
+    dipole readouts, which TorchScript cannot compile) by its scriptable twin in a
+    copy (:class:`metatrain_mace.trunk.gate.ScriptableGate`, same numbers)."""
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "GatedEquivariantBlock" and hasattr(
+            child, "_gated_info"
+        ):
+            setattr(module, name, ScriptableGate(child))
+        else:
+            _swap_gates(child)
 
 
 def save_model_atomically(
