@@ -372,26 +372,22 @@ def load_for_report(
 
     An exported model is rebuilt in Python from the record its export stored
     (:mod:`metatrain_mace.tools.provenance`), with the exported weights."""
-    from metatrain_mace.tools.provenance import is_exported, rebuild
+    from metatrain_mace.tools.provenance import is_exported, load_trained
 
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"model {path!r} does not exist")
-    if is_exported(file):
-        if head is not None:
-            raise ValueError(
-                "--head selects a head of a MACE model file; an exported model "
-                "already has its head"
-            )
-        return rebuild(str(file))
-    if file.suffix == ".ckpt":
-        from metatrain.utils.io import load_model
-
-        return load_model(str(file)).to(torch.float64).eval()
+    exported = Path(path).is_file() and is_exported(Path(path))
+    if head is not None and exported:
+        raise ValueError(
+            "--head selects a head of a MACE model file; an exported model "
+            "already has its head"
+        )
+    model = load_trained(path, "have a precision report")
+    if model is not None:
+        # a checkpoint holds its training dtype, the report starts from float64
+        return model if exported else model.to(torch.float64)
     from metatrain_mace.tools.export import mace_file_to_model
 
     return mace_file_to_model(
-        str(file),
+        str(path),
         head=head,
         dtype="float64",
         source=source,

@@ -8,7 +8,7 @@ module; :func:`rebuild` reads it and loads the exported module's own weights.
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import metatomic.torch  # noqa: F401 (metatomic's TorchScript classes, for torch.jit.load)
 import torch
@@ -118,4 +118,32 @@ def is_exported(path: Path) -> bool:
         return False
 
 
-__all__ = ["ATTRIBUTE", "is_exported", "read", "rebuild"]
+def load_trained(path: str, purpose: str) -> Optional[MetaMACE]:
+    """A model of this package in Python: a model exported by it (``.pt``, rebuilt
+    from its record) or a checkpoint (``.ckpt``) of this architecture; ``None`` for
+    any other file (a MACE model file, say), for the caller to read.
+
+    :param purpose: what the caller does with it, for the message refusing a
+        checkpoint of another architecture.
+    :raises FileNotFoundError: when there is no such file.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model {path!r} does not exist")
+    if is_exported(file):
+        return rebuild(str(file))
+    if file.suffix != ".ckpt":
+        return None
+    from metatrain.utils.io import load_model
+
+    model = load_model(str(file))
+    if not isinstance(model, MetaMACE):
+        raise ValueError(
+            f"{path!r} is a checkpoint of another architecture "
+            f"({type(model).__name__}); only experimental.mace models of "
+            f"metatrain-mace {purpose}"
+        )
+    return model.eval()
+
+
+__all__ = ["ATTRIBUTE", "is_exported", "load_trained", "read", "rebuild"]

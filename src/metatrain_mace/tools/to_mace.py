@@ -196,28 +196,15 @@ def _scale_embedding_readout(
 def load_source(path: str) -> MetaMACE:
     """A checkpoint (``.ckpt``) of this architecture or a model exported by this
     package (``.pt``), as a Python model."""
-    from metatrain_mace.tools.provenance import is_exported, rebuild
+    from metatrain_mace.tools.provenance import load_trained
 
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"model {path!r} does not exist")
-    if is_exported(file):
-        return rebuild(str(file))
-    if file.suffix != ".ckpt":
+    model = load_trained(path, "can be written as MACE files")
+    if model is None:
         raise ValueError(
             f"{path!r} is neither a checkpoint (.ckpt, written by mtt train) nor a "
             "model exported by metatrain-mace (.pt)"
         )
-    from metatrain.utils.io import load_model
-
-    model = load_model(str(file))
-    if not isinstance(model, MetaMACE):
-        raise ValueError(
-            f"{path!r} is a checkpoint of another architecture "
-            f"({type(model).__name__}); only experimental.mace models of "
-            "metatrain-mace can be written as MACE files"
-        )
-    return model.eval()
+    return model
 
 
 def write_mace_file(
