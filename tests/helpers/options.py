@@ -54,6 +54,16 @@ LORA_WITH_REPLAY_HEAD = {
 }
 
 
+def heads_finetune(read_from: str) -> dict:
+    """metatrain's 'heads' fine-tuning from ``read_from``: the heads and MACE's
+    readouts train, the rest of MACE is frozen."""
+    return {
+        "method": "heads",
+        "read_from": read_from,
+        "config": {"head_modules": ["heads"], "last_layer_modules": ["mace.readouts"]},
+    }
+
+
 def default_model(**changes: Any) -> dict:
     """The default model hypers, with ``changes``."""
     return {**copy.deepcopy(get_default_hypers(NAME)["model"]), **changes}

@@ -16,7 +16,7 @@ from metatrain.utils.io import model_from_checkpoint
 
 from helpers.cli import mtt, train_log
 from helpers.mace_files import build_dipole_model
-from helpers.options import train_options, write_options
+from helpers.options import heads_finetune, train_options, write_options
 
 
 # whole training runs
@@ -164,11 +164,7 @@ def test_dielectric_file_trains_and_exports(tmp_path: Path) -> None:
     # heads fine-tuning from the zero-epoch checkpoint: the readouts train, the
     # rest of MACE does not
     content = options(2)
-    content["architecture"]["training"]["finetune"] = {
-        "method": "heads",
-        "read_from": "zero.ckpt",
-        "config": {"head_modules": ["heads"], "last_layer_modules": ["mace.readouts"]},
-    }
+    content["architecture"]["training"]["finetune"] = heads_finetune("zero.ckpt")
     write_options(tmp_path / "finetune.yaml", content)
     run_ok("train", "finetune.yaml", cwd=tmp_path)
     checkpoint = torch.load(tmp_path / "model.ckpt", weights_only=False)

@@ -19,7 +19,7 @@ from metatrain.utils.io import model_from_checkpoint
 
 from helpers.cli import mtt, train_log
 from helpers.mace_files import save_mace_model
-from helpers.options import train_options, write_options
+from helpers.options import heads_finetune, train_options, write_options
 from helpers.parity import assert_agree
 
 
@@ -146,11 +146,7 @@ def test_heads_finetune_keeps_the_trunk(workdir: Path) -> None:
 
     content = options("single.model", num_epochs=2)
     content["training_set"]["targets"]["mtt::volume"] = VOLUME
-    content["architecture"]["training"]["finetune"] = {
-        "method": "heads",
-        "read_from": "foundation.ckpt",
-        "config": {"head_modules": ["heads"], "last_layer_modules": ["mace.readouts"]},
-    }
+    content["architecture"]["training"]["finetune"] = heads_finetune("foundation.ckpt")
     write_options(workdir / "options.yaml", content)
     run_ok("train", "options.yaml", cwd=workdir)
 
