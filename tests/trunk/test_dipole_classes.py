@@ -231,3 +231,59 @@ def test_energy_target_of_a_dipole_file_gets_a_head(files: Dict[str, Path]):
         to_mace_module(model)
     with pytest.raises(ValueError, match="predict .* together"):
         model.add_readout_head("energy")
+
+
+def test_lora_on_a_dielectric_file(files: Dict[str, Path], tmp_path: Path):
+    """LoRA adapters on the trunk of a dipole class: they start as the identity,
+    change the dipole once trained (here: set at random), keep it equivariant, and
+    export with it."""
+    from metatomic.torch import load_atomistic_model
+
+    from metatrain_mace.finetune import lora
+    from metatrain_mace.finetune.strategies import apply_finetuning
+
+    model = MetaMACE(default_model(mace_model=str(files["dielectric"])), dipole_info())
+    molecule = mixed_structures()[0]
+    before = eager_dipole(model, molecule)
+    apply_finetuning(
+        model,
+        {"method": "lora", "read_from": "x", "config": {"rank": 2, "alpha": 4.0}},
+    )
+    assert lora.adapters(model)
+    torch.testing.assert_close(eager_dipole(model, molecule), before, rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_" in name:
+                parameter.copy_(0.5 * torch.randn(parameter.shape, generator=generator))
+    adapted = eager_dipole(model, molecule)
+    assert (adapted - before).abs().max() > 1e-4
+    rotation = Rotation.random(random_state=4).as_matrix()
+    rotated = molecule.copy()
+    rotated.positions = molecule.positions @ rotation.T
+    torch.testing.assert_close(
+        eager_dipole(model, rotated).numpy(),
+        rotation @ adapted.numpy(),
+        rtol=0,
+        atol=1e-12,
+    )
+    model.export().save(str(tmp_path / "lora.pt"))
+    load_atomistic_model(str(tmp_path / "lora.pt"))
+    exported = ours(MetatomicCalculator(str(tmp_path / "lora.pt")), molecule)
+    np.testing.assert_allclose(
+        exported["dipole"].reshape(-1), adapted.numpy(), rtol=0, atol=1e-12
+    )
+
+
+def test_precision_report_of_a_dipole_file(files: Dict[str, Path]):
+    """The precision report runs the blocks of a dipole class (readouts without
+    heads) and reports every block; float32 keeps them to 1e-5 relative."""
+    from metatrain_mace.tools.precision import load_for_report, precision_report
+
+    rows = precision_report(
+        load_for_report(str(files["dielectric"])), mixed_structures(), ["float32"]
+    )
+    assert all(row.status == "ok" for row in rows), rows
+    blocks = {row.block for row in rows}
+    assert {"readout.0", "readout.1"} <= blocks
+    assert max(row.max_rel_error for row in rows) < 1e-5

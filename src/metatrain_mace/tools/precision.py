@@ -127,6 +127,9 @@ def _stages(model: torch.nn.Module, graph: Dict) -> List[Tuple[str, List[str], S
     def readout(i: int) -> Stage:
         def run(m: torch.nn.Module, x: Tensors) -> Outputs:
             feats = x["node_feats"]
+            if hasattr(m.trunk, "response"):
+                # the readouts of mace-torch's dipole classes have no heads
+                return {f"readout.{i}": m.trunk.mace.readouts[i](feats)}
             heads = torch.full((feats.shape[0],), head_index, dtype=torch.int64)
             return {f"readout.{i}": m.trunk.mace.readouts[i](feats, heads)}
 
