@@ -331,9 +331,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         response: Dict[str, torch.Tensor] = {}
         if hasattr(self.trunk, "response"):
             # the readouts of mace-torch's dipole classes (see trunk.response)
-            response = self._response(
-                systems, outputs, features, system_index, scalar_features
-            )
+            response = self._response(systems, outputs, features, system_index)
             for name, output in self.readout_targets.items():
                 if output != "energy" and name in outputs:
                     result[name] = assembly.tensor_map(
@@ -406,7 +404,6 @@ class MetaMACE(ModelInterface[ModelHypers]):
         outputs: Dict[str, ModelOutput],
         features: List[torch.Tensor],
         system_index: torch.Tensor,
-        scalar_features: torch.Tensor,
     ) -> Dict[str, torch.Tensor]:
         """Per-atom values of the requested targets of the readouts of a dipole
         class, by target name, in the layout of the target's block (Cartesian
@@ -441,9 +438,15 @@ class MetaMACE(ModelInterface[ModelHypers]):
         return any(name in outputs for name in energies)
 
     def _needs_heads(self, outputs: Dict[str, ModelOutput]) -> bool:
+        """Whether the concatenated features are needed: by a head, or as the
+        last-layer features of a target of a dipole class's readouts."""
         for name in self.heads.keys():
             if name in outputs or last_layer_features_name(name) in outputs:
                 return True
+        if hasattr(self.trunk, "response"):
+            for name in self.readout_targets.keys():
+                if last_layer_features_name(name) in outputs:
+                    return True
         return False
 
     def _pad(self, last_layer_features: torch.Tensor) -> torch.Tensor:

@@ -287,3 +287,30 @@ def test_precision_report_of_a_dipole_file(files: Dict[str, Path]):
     blocks = {row.block for row in rows}
     assert {"readout.0", "readout.1"} <= blocks
     assert max(row.max_rel_error for row in rows) < 1e-5
+
+
+def test_last_layer_features_of_readout_targets(files: Dict[str, Path]):
+    """The last-layer features of a target of a dipole class's readouts (asked
+    alone, as metatrain's LLPR does) are the scalar node features of all layers."""
+    from metatomic.torch import systems_to_torch
+    from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
+
+    info = dipole_info()
+    info = DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6, 8],
+        targets={**info.targets, **energy_dataset_info([1, 6, 8]).targets},
+    )
+    model = MetaMACE(default_model(mace_model=str(files["energy_dipole"])), info)
+    system = systems_to_torch(mixed_structures()[0], dtype=torch.float64)
+    system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
+    per_atom = ModelOutput(sample_kind="atom")
+    for name in (
+        "mtt::aux::dipole_last_layer_features",
+        "mtt::aux::energy_last_layer_features",
+    ):
+        alone = model.eval()([system], {name: per_atom})[name].block().values
+        features = model.eval()([system], {"feature": per_atom})["feature"]
+        scalars = features.block().values
+        assert alone.shape == (len(system), model.last_layer_feature_size)
+        torch.testing.assert_close(alone[:, : scalars.shape[1]], scalars)
