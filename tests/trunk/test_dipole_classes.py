@@ -163,6 +163,16 @@ def dipole_info(kind: str = "cartesian", **changes) -> DatasetInfo:
     )
 
 
+def dipole_and_energy_info() -> DatasetInfo:
+    """A dipole target and an energy target."""
+    energy = energy_dataset_info([1, 6, 8])
+    return DatasetInfo(
+        length_unit="angstrom",
+        atomic_types=[1, 6, 8],
+        targets={**dipole_info().targets, **energy.targets},
+    )
+
+
 def eager_dipole(model: MetaMACE, atoms: ase.Atoms) -> torch.Tensor:
     from metatomic.torch import systems_to_torch
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
@@ -218,12 +228,7 @@ def test_wrong_target_kinds_are_refused(files: Dict[str, Path]):
 def test_energy_target_of_a_dipole_file_gets_a_head(files: Dict[str, Path]):
     """AtomicDipolesMACE has no energy readout: an energy target beside the
     dipole gets an MLP head of its own (and to-mace refuses the model)."""
-    info = dipole_info()
-    info = DatasetInfo(
-        length_unit="angstrom",
-        atomic_types=[1, 6, 8],
-        targets={**info.targets, **energy_dataset_info([1, 6, 8]).targets},
-    )
+    info = dipole_and_energy_info()
     model = MetaMACE(default_model(mace_model=str(files["dipole"])), info)
     assert "energy" in model.heads
     assert model.mace_head_target == ""
@@ -295,12 +300,7 @@ def test_last_layer_features_of_readout_targets(files: Dict[str, Path]):
     from metatomic.torch import systems_to_torch
     from metatrain.utils.neighbor_lists import get_system_with_neighbor_lists
 
-    info = dipole_info()
-    info = DatasetInfo(
-        length_unit="angstrom",
-        atomic_types=[1, 6, 8],
-        targets={**info.targets, **energy_dataset_info([1, 6, 8]).targets},
-    )
+    info = dipole_and_energy_info()
     model = MetaMACE(default_model(mace_model=str(files["energy_dipole"])), info)
     system = systems_to_torch(mixed_structures()[0], dtype=torch.float64)
     system = get_system_with_neighbor_lists(system, model.requested_neighbor_lists())
