@@ -58,7 +58,7 @@ from metatrain_mace.trunk import backend, cueq, foundation
 from metatrain_mace.trunk.build import build_mace
 from metatrain_mace.trunk.graph import systems_to_graph
 from metatrain_mace.trunk.mace_trunk import MaceTrunk
-from metatrain_mace.trunk.response import OUTPUTS, readout_kind
+from metatrain_mace.trunk.response import OUTPUTS, READOUT_HYPERS, readout_kind
 from metatrain_mace.trunk.scripting import (
     compiled_copy,
     save_model_atomically,
@@ -235,11 +235,7 @@ class MetaMACE(ModelInterface[ModelHypers]):
         :mod:`metatrain_mace.trunk.response`), from the ``mace_*_target`` hypers;
         sets ``mace_head_target``, the target of MACE's energy readout (``""``
         when the readouts predict no energy)."""
-        names = {
-            "energy": self.hypers["mace_head_target"],
-            "dipole": self.hypers["mace_dipole_target"],
-            "polarizability": self.hypers["mace_polarizability_target"],
-        }
+        names = {output: self.hypers[hyper] for output, hyper in READOUT_HYPERS.items()}
         targets = {names[output]: output for output in OUTPUTS[kind]}
         if len(targets) != len(OUTPUTS[kind]):
             raise ValueError(
@@ -333,12 +329,15 @@ class MetaMACE(ModelInterface[ModelHypers]):
             # the readouts of mace-torch's dipole classes (see trunk.response)
             response = self._response(systems, outputs, features, system_index)
             for name, output in self.readout_targets.items():
-                if output != "energy" and name in outputs:
+                if output == "energy":
+                    # below, with MACE's energy readout
+                    continue
+                if name in outputs:
                     result[name] = assembly.tensor_map(
                         name, [response[name]], samples, outputs[name], selected_atoms
                     )
                 llf_name = last_layer_features_name(name)
-                if output != "energy" and llf_name in outputs:
+                if llf_name in outputs:
                     result[llf_name] = assembly.features_map(
                         self._pad(scalar_features),
                         samples,

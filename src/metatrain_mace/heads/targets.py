@@ -10,6 +10,7 @@ from metatrain_mace.heads.blocks import irrep_of_block
 from metatrain_mace.heads.coupling import coupled_parts
 from metatrain_mace.heads.products import product_order
 from metatrain_mace.mace_import import o3
+from metatrain_mace.trunk.response import READOUT_HYPERS
 
 
 MACE_FEATURES = "mtt::aux::mace_features"
@@ -115,14 +116,6 @@ def check_target(
                         name, what, irrep, declared, produced, num_interactions
                     )
                 )
-
-
-#: the hyperparameter naming the target of each output of MACE's readouts
-READOUT_HYPERS = {
-    "energy": "mace_head_target",
-    "dipole": "mace_dipole_target",
-    "polarizability": "mace_polarizability_target",
-}
 
 
 def check_readout_target(name: str, info: TargetInfo, output: str) -> None:

@@ -19,11 +19,10 @@ from metatrain.utils.data.target_info import (
 )
 from omegaconf import OmegaConf
 
-from metatrain_mace.heads.targets import READOUT_HYPERS
 from metatrain_mace.model import ARCHITECTURE_NAME, MetaMACE
 from metatrain_mace.train.baselines import fit_baselines
 from metatrain_mace.trunk.foundation import atomic_numbers, load_mace_file
-from metatrain_mace.trunk.response import OUTPUTS, readout_kind
+from metatrain_mace.trunk.response import OUTPUTS, READOUT_HYPERS, readout_kind
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}

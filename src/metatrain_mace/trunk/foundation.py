@@ -21,6 +21,7 @@ from metatrain_mace.mace_import import mace_modules, o3
 from metatrain_mace.trunk import foundation_names
 from metatrain_mace.trunk.conditioning import check_specs
 from metatrain_mace.trunk.mace_args import constructor_args
+from metatrain_mace.trunk.response import READOUT_HYPERS, READOUT_KINDS
 from metatrain_mace.trunk.scripting import quiet_torchscript
 
 
@@ -142,12 +143,8 @@ def load_mace_file(
             f"whole model saved with torch.save(model); {checkpoint_advice}"
         )
     _refuse_unsupported(loaded, str(path), source)
-    dipole_classes = (
-        mace_modules.AtomicDipolesMACE,
-        mace_modules.AtomicDielectricMACE,
-        mace_modules.EnergyDipolesMACE,
-    )
-    if not isinstance(loaded, (mace_modules.MACE, *dipole_classes)):
+    supported = tuple(getattr(mace_modules, name) for name in READOUT_KINDS)
+    if not isinstance(loaded, supported):
         raise ValueError(
             f"{str(path)!r} ({source}) holds a {type(loaded).__module__}."
             f"{type(loaded).__qualname__}, not a MACE model "
@@ -329,13 +326,9 @@ def check_dataset(
         return
     if any(name in dataset_info.targets for name in readout_targets):
         return
-    hypers = {
-        "energy": "mace_head_target",
-        "dipole": "mace_dipole_target",
-        "polarizability": "mace_polarizability_target",
-    }
     named = ", ".join(
-        f"'{hypers[output]}' is {name!r}" for name, output in readout_targets.items()
+        f"'{READOUT_HYPERS[output]}' is {name!r}"
+        for name, output in readout_targets.items()
     )
     what = " and ".join(readout_targets.values())
     raise ValueError(

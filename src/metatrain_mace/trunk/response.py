@@ -40,6 +40,13 @@ OUTPUTS: Dict[str, List[str]] = {
     "energy_dipole": ["energy", "dipole"],
 }
 
+#: the hyperparameter naming the target of each output of the readouts
+READOUT_HYPERS = {
+    "energy": "mace_head_target",
+    "dipole": "mace_dipole_target",
+    "polarizability": "mace_polarizability_target",
+}
+
 #: MACECalculator's ``model_type`` for each kind (what its users know them as)
 CALCULATOR_TYPES = {
     "energy": "MACE",
