@@ -203,8 +203,23 @@ def mace_command(
     return command
 
 
+def recipe_training(epochs: int) -> Dict[str, object]:
+    """MACE's recipe in our hypers: MACE's loss weights, EMA and stage two."""
+    return {
+        "loss": {"energy": {"type": "mse", "weight": 1.0, "forces": {"weight": 100.0}}},
+        "ema_decay": 0.99,
+        "stage_two_epoch": int(0.75 * epochs),
+        "stage_two_loss": {"energy": {"weight": 1000.0, "forces": {"weight": 100.0}}},
+        "stage_two_learning_rate": 1.0e-3,
+    }
+
+
 def metatrain_options(
-    args: argparse.Namespace, root: Path, recipe: bool, periodic: bool, seed: int
+    args: argparse.Namespace,
+    root: Path,
+    training: Dict[str, object],
+    periodic: bool,
+    seed: int,
 ) -> str:
     stress = f"\n                    stress:\n                      key: {STRESS_KEY}"
 
@@ -226,33 +241,20 @@ def metatrain_options(
         )
 
     model = "\n".join(f"    {key}: {value!r}" for key, value in MODEL.items())
-    training = ""
-    if recipe:
-        training = textwrap.indent(
-            textwrap.dedent(
-                f"""\
-                loss:
-                  energy:
-                    weight: 1.0
-                    forces:
-                      weight: 100.0
-                ema_decay: 0.99
-                stage_two_epoch: {int(0.75 * args.epochs)}
-                stage_two_loss:
-                  energy:
-                    weight: 1000.0
-                    forces:
-                      weight: 100.0
-                stage_two_learning_rate: 1.0e-3"""
-            ),
+    training_yaml = ""
+    if training:
+        import yaml
+
+        training_yaml = textwrap.indent(
+            yaml.safe_dump(training, default_flow_style=False, sort_keys=False),
             "    ",
-        )
+        ).rstrip()
     return (
         f"seed: {seed}\nbase_precision: 64\ndevice: cpu\n"
         "architecture:\n  name: experimental.mace\n  model:\n"
         f"{model}\n  training:\n    num_epochs: {args.epochs}\n"
         f"    batch_size: {args.batch_size}\n"
-        + (f"{training}\n" if training else "")
+        + (f"{training_yaml}\n" if training_yaml else "")
         + f"training_set:\n{dataset('train.xyz')}\n"
         f"validation_set:\n{dataset('valid.xyz')}\ntest_set: 0.0\n"
     )
@@ -299,6 +301,38 @@ def test_errors(calculator, frames) -> Tuple[float, float, float, float]:
 Result = Optional[Tuple[float, float, float, float]]
 
 
+def load_cache(path: Optional[Path]) -> Dict[str, Result]:
+    """Test errors of earlier ``mace_run_train`` runs (``--cache``), by set, seed,
+    sizes and label."""
+    import json
+
+    if path is None or not path.exists():
+        return {}
+    return {key: tuple(value) for key, value in json.loads(path.read_text()).items()}
+
+
+def save_cache(path: Path, key: str, result: Result) -> None:
+    import json
+
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    cache[key] = result
+    path.write_text(json.dumps(cache, indent=1))
+
+
+def variant(text: str) -> Tuple[str, Dict[str, object]]:
+    """``LABEL=YAML``: a run of ours with these training hypers over the defaults."""
+    import yaml
+
+    label, _, hypers = text.partition("=")
+    training = yaml.safe_load(hypers) if hypers else {}
+    if not label or not isinstance(training, dict):
+        raise argparse.ArgumentTypeError(
+            f"--variant {text!r}: give LABEL=YAML, for example "
+            "'ema={ema_decay: 0.99}'"
+        )
+    return label, training
+
+
 def run_set(args: argparse.Namespace, dataset: str, seed: int) -> Dict[str, Result]:
     """Train the four runs on one data set with one seed; their test errors."""
     import ase.io
@@ -319,23 +353,34 @@ def run_set(args: argparse.Namespace, dataset: str, seed: int) -> Dict[str, Resu
         env[name] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
 
-    runs: List[Tuple[str, str, bool]] = []
+    # (program, label, MACE's recipe or our training hypers)
+    runs: List[Tuple[str, str, object]] = []
     if args.only in ("all", "mace"):
         runs += [("mace", "mace_run_train (defaults)", False)]
         runs += [("mace", "mace_run_train --ema --swa", True)]
     if args.only in ("all", "ours"):
-        runs += [("ours", "mtt train (defaults)", False)]
-        runs += [("ours", "mtt train (EMA + stage two)", True)]
+        runs += [("ours", "mtt train (defaults)", {})]
+        runs += [("ours", "mtt train (EMA + stage two)", recipe_training(args.epochs))]
+    for label, training in args.variant:
+        runs += [("ours", f"mtt train ({label})", training)]
 
+    cache = load_cache(args.cache)
+    key = f"{dataset}|{seed}|{args.train}|{args.valid}|{args.test}|{args.epochs}|"
+    key += f"{args.batch_size}"
+    results: Dict[str, Result] = {}
     jobs: List[Tuple[str, str, Path, List[str]]] = []
-    for index, (program, label, recipe) in enumerate(runs):
+    for index, (program, label, settings) in enumerate(runs):
+        if program == "mace" and f"{key}|{label}" in cache:
+            results[label] = cache[f"{key}|{label}"]
+            print(f"  {label}: from {args.cache}")
+            continue
         workdir = root / f"run{index}"
         workdir.mkdir()
         if program == "mace":
-            command = mace_command(args, root, recipe, periodic, seed)
+            command = mace_command(args, root, bool(settings), periodic, seed)
         else:
             (workdir / "options.yaml").write_text(
-                metatrain_options(args, root, recipe, periodic, seed)
+                metatrain_options(args, root, dict(settings), periodic, seed)
             )
             command = [
                 sys.executable,
@@ -365,7 +410,6 @@ def run_set(args: argparse.Namespace, dataset: str, seed: int) -> Dict[str, Resu
             thread.join()
 
     test_frames = ase.io.read(str(root / "test.xyz"), ":")
-    results: Dict[str, Result] = {}
     for program, label, workdir, _ in jobs:
         if codes[label] != 0:
             print(f"{label} failed; see {workdir / 'stdout.log'}")
@@ -384,6 +428,9 @@ def run_set(args: argparse.Namespace, dataset: str, seed: int) -> Dict[str, Resu
 
             calculator = MetatomicCalculator(str(workdir / "model.pt"))
         results[label] = test_errors(calculator, test_frames)
+        if program == "mace" and args.cache is not None:
+            save_cache(args.cache, f"{key}|{label}", results[label])
+    results = {label: results[label] for _, label, _ in runs}
     print_table(results)
     if not args.keep:
         import shutil
@@ -436,6 +483,22 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument(
         "--only", choices=["all", "ours", "mace"], default="all", help="what to run"
+    )
+    parser.add_argument(
+        "--variant",
+        type=variant,
+        action="append",
+        default=[],
+        help="LABEL=YAML: one more run of ours with these training hypers, for "
+        "example 'ema={ema_decay: 0.99}' (repeatable)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="JSON file of test errors of the mace_run_train runs (they do not "
+        "depend on this package): runs found there are not repeated, new ones "
+        "are added",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work folders")
     args = parser.parse_args()

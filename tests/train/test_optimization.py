@@ -310,3 +310,9 @@ def test_frozen_layers_with_lora(alloy4, tmp_path, monkeypatch) -> None:
         for n in adapters
     )
     assert lora.adapters(model)
+
+
+def test_nothing_to_train_is_refused_with_the_cause(model) -> None:
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="No parameter of the model trains.*frozen"):
+        build_optimizer(model, trainer_hypers())

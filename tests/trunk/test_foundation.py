@@ -60,6 +60,19 @@ def test_direct_export_matches_mace(
     assert_agree(ours, model_files[name], head, dtype)
 
 
+def test_parameters_saved_frozen_train(tmp_path: Path) -> None:
+    """mace_run_train saves its stage-two model with requires_grad=False on every
+    parameter: training from such a file must still train MACE."""
+    mace = build_mace_model(seed=3).requires_grad_(False)
+    torch.save(mace, tmp_path / "stagetwo.model")
+    model = MetaMACE(
+        file_model(tmp_path / "stagetwo.model"), energy_dataset_info([1, 6, 8])
+    )
+    trunk = dict(model.trunk.mace.named_parameters())
+    assert len(trunk) == len(list(mace.parameters())) > 10
+    assert all(parameter.requires_grad for parameter in trunk.values())
+
+
 def test_model_keeps_every_element_of_the_file(model_files: dict) -> None:
     model = mace_file_to_model(str(model_files["scaleshift"]))
     assert model.atomic_types == [1, 6, 8, 13, 29, 79]

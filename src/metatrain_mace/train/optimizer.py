@@ -141,6 +141,14 @@ def build_optimizer(
     groups = parameter_groups(
         model, hypers["weight_decay"], hypers["learning_rate"], hypers["lr_factors"]
     )
+    if not any(group["params"] for group in groups):
+        raise ValueError(
+            "No parameter of the model trains: 'frozen_layers' "
+            f"({hypers['frozen_layers']}), 'lr_factors' ({hypers['lr_factors']}) "
+            "or the 'finetune' settings freeze all of them. Train at least the "
+            "readouts or heads (for example finetune: {method: heads, config: "
+            "{head_modules: [heads], last_layer_modules: [mace.readouts]}})."
+        )
     kwargs = {
         "lr": hypers["learning_rate"],
         "amsgrad": hypers["amsgrad"],

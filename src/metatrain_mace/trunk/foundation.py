@@ -153,7 +153,25 @@ def load_mace_file(
         )
     if hasattr(loaded, "joint_embedding"):
         check_specs(dict(loaded.embedding_specs), repr(str(path)))
+    _make_trainable(loaded, str(path))
     return loaded.eval()
+
+
+def _make_trainable(mace: torch.nn.Module, path: str) -> None:
+    """Every parameter of the file trains unless the training hypers freeze it.
+
+    mace-torch saves some files with ``requires_grad=False`` on all parameters
+    (``mace_run_train``'s stage-two model, ``*_stagetwo.model``); kept as they are,
+    full training from such a file would train nothing of MACE."""
+    frozen = [name for name, p in mace.named_parameters() if not p.requires_grad]
+    if frozen:
+        logging.info(
+            f"{len(frozen)} parameters of {path!r} were saved with "
+            "requires_grad=False (as mace_run_train saves its stage-two model); "
+            "they train here unless 'frozen_layers', 'lr_factors' or 'finetune' "
+            "freeze them"
+        )
+    mace.requires_grad_(True)
 
 
 def _unreadable(file: Path, source: str, error: Exception) -> str:
