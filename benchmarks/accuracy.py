@@ -70,8 +70,15 @@ def _label(atoms, calculator, periodic: bool) -> None:
     atoms.calc = None
 
 
-def alloy_frames(n_structures: int, seed: int) -> list:
-    """Strained, rattled fcc Cu-Au cells of 8 atoms, EMT."""
+def alloy_frames(
+    n_structures: int,
+    seed: int,
+    repeat: Tuple[int, int, int] = (2, 1, 1),
+    strain: float = 0.03,
+    rattle: float = 0.08,
+) -> list:
+    """Strained (each cell component by up to ``strain``), rattled (by ``rattle``
+    Å) fcc Cu-Au cells of the cubic cell times ``repeat`` (8 atoms), EMT."""
     import numpy as np
     from ase.build import bulk
     from ase.calculators.emt import EMT
@@ -80,11 +87,11 @@ def alloy_frames(n_structures: int, seed: int) -> list:
     frames = []
     for _ in range(n_structures):
         gold = rng.uniform(0.0, 1.0)
-        atoms = bulk("Cu", "fcc", a=3.6 + 0.48 * gold, cubic=True).repeat((2, 1, 1))
+        atoms = bulk("Cu", "fcc", a=3.6 + 0.48 * gold, cubic=True).repeat(repeat)
         atoms.numbers = np.where(rng.uniform(size=len(atoms)) < gold, 79, 29)
-        strain = np.eye(3) + rng.uniform(-0.03, 0.03, size=(3, 3))
-        atoms.set_cell(atoms.cell[:] @ strain, scale_atoms=True)
-        atoms.positions += rng.normal(0.0, 0.08, size=atoms.positions.shape)
+        deformation = np.eye(3) + rng.uniform(-strain, strain, size=(3, 3))
+        atoms.set_cell(atoms.cell[:] @ deformation, scale_atoms=True)
+        atoms.positions += rng.normal(0.0, rattle, size=atoms.positions.shape)
         _label(atoms, EMT(), periodic=True)
         frames.append(atoms)
     return frames
@@ -166,13 +173,20 @@ MODEL = {
 
 
 def mace_command(
-    args: argparse.Namespace, root: Path, recipe: bool, periodic: bool, seed: int
+    args: argparse.Namespace,
+    train: Path,
+    valid: Path,
+    recipe: bool,
+    periodic: bool,
+    seed: int,
 ) -> List[str]:
+    """``mace_run_train`` on the ``train`` and ``valid`` files (``args``: epochs
+    and batch size)."""
     options = {
         "--name": "bench",
         "--seed": seed,
-        "--train_file": root / "train.xyz",
-        "--valid_file": root / "valid.xyz",
+        "--train_file": train,
+        "--valid_file": valid,
         "--energy_key": ENERGY_KEY,
         "--forces_key": FORCES_KEY,
         "--E0s": "average",
@@ -214,6 +228,18 @@ def recipe_training(epochs: int) -> Dict[str, object]:
     }
 
 
+def dataset_yaml(path: Path, periodic: bool) -> str:
+    """The data set of ``path`` in a metatrain options file (indented as a
+    top-level entry): energies and forces, and stresses of ``periodic`` sets."""
+    stress = f"\n    stress:\n      key: {STRESS_KEY}" if periodic else ""
+    return textwrap.indent(
+        f"systems:\n  read_from: {path}\n  length_unit: angstrom\ntargets:\n"
+        f"  energy:\n    key: {ENERGY_KEY}\n    unit: eV\n    forces:\n"
+        f"      key: {FORCES_KEY}{stress}",
+        "  ",
+    )
+
+
 def metatrain_options(
     args: argparse.Namespace,
     root: Path,
@@ -221,25 +247,6 @@ def metatrain_options(
     periodic: bool,
     seed: int,
 ) -> str:
-    stress = f"\n                    stress:\n                      key: {STRESS_KEY}"
-
-    def dataset(name: str) -> str:
-        return textwrap.indent(
-            textwrap.dedent(
-                f"""\
-                systems:
-                  read_from: {root / name}
-                  length_unit: angstrom
-                targets:
-                  energy:
-                    key: {ENERGY_KEY}
-                    unit: eV
-                    forces:
-                      key: {FORCES_KEY}{stress if periodic else ""}"""
-            ),
-            "  ",
-        )
-
     model = "\n".join(f"    {key}: {value!r}" for key, value in MODEL.items())
     training_yaml = ""
     if training:
@@ -255,8 +262,9 @@ def metatrain_options(
         f"{model}\n  training:\n    num_epochs: {args.epochs}\n"
         f"    batch_size: {args.batch_size}\n"
         + (f"{training_yaml}\n" if training_yaml else "")
-        + f"training_set:\n{dataset('train.xyz')}\n"
-        f"validation_set:\n{dataset('valid.xyz')}\ntest_set: 0.0\n"
+        + f"training_set:\n{dataset_yaml(root / 'train.xyz', periodic)}\n"
+        f"validation_set:\n{dataset_yaml(root / 'valid.xyz', periodic)}\n"
+        "test_set: 0.0\n"
     )
 
 
@@ -377,7 +385,14 @@ def run_set(args: argparse.Namespace, dataset: str, seed: int) -> Dict[str, Resu
         workdir = root / f"run{index}"
         workdir.mkdir()
         if program == "mace":
-            command = mace_command(args, root, bool(settings), periodic, seed)
+            command = mace_command(
+                args,
+                root / "train.xyz",
+                root / "valid.xyz",
+                bool(settings),
+                periodic,
+                seed,
+            )
         else:
             (workdir / "options.yaml").write_text(
                 metatrain_options(args, root, dict(settings), periodic, seed)

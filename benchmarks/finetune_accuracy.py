@@ -47,12 +47,9 @@ from typing import Dict, Iterator, List, Tuple
 sys.path.insert(0, str(Path(__file__).parent))
 
 from accuracy import (  # noqa: E402
-    ENERGY_KEY,
-    FORCES_KEY,
-    STRESS_KEY,
     Result,
-    _label,
     alloy_frames,
+    dataset_yaml,
     mace_command,
     make_data,
     run,
@@ -87,47 +84,16 @@ def shifted_emt() -> Iterator[None]:
 def finetune_frames(n_structures: int, seed: int) -> list:
     """Cu-Au cells of 16 atoms, strained by up to 5% and rattled by 0.12 Å,
     labelled by the shifted EMT."""
-    import numpy as np
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-
-    rng = np.random.default_rng(seed)
-    frames = []
     with shifted_emt():
-        for _ in range(n_structures):
-            gold = rng.uniform(0.0, 1.0)
-            atoms = bulk("Cu", "fcc", a=3.6 + 0.48 * gold, cubic=True)
-            atoms = atoms.repeat((2, 2, 1))
-            atoms.numbers = np.where(rng.uniform(size=len(atoms)) < gold, 79, 29)
-            strain = np.eye(3) + rng.uniform(-0.05, 0.05, size=(3, 3))
-            atoms.set_cell(atoms.cell[:] @ strain, scale_atoms=True)
-            atoms.positions += rng.normal(0.0, 0.12, size=atoms.positions.shape)
-            _label(atoms, EMT(), periodic=True)
-            frames.append(atoms)
-    return frames
+        return alloy_frames(
+            n_structures, seed, repeat=(2, 2, 1), strain=0.05, rattle=0.12
+        )
 
 
 def write(path: Path, frames: list) -> None:
     import ase.io
 
     ase.io.write(str(path), frames, format="extxyz")
-
-
-def dataset_yaml(path: Path) -> str:
-    return textwrap.dedent(
-        f"""\
-          systems:
-            read_from: {path}
-            length_unit: angstrom
-          targets:
-            energy:
-              key: {ENERGY_KEY}
-              unit: eV
-              forces:
-                key: {FORCES_KEY}
-              stress:
-                key: {STRESS_KEY}"""
-    )
 
 
 def ours_options(
@@ -139,8 +105,8 @@ def ours_options(
         f"  model:\n{textwrap.indent(model, '    ')}\n"
         f"  training:\n    num_epochs: {epochs}\n    batch_size: {batch_size}\n"
         f"{textwrap.indent(training, '    ')}\n"
-        f"training_set:\n{textwrap.indent(dataset_yaml(root / 'train.xyz'), '  ')}\n"
-        f"validation_set:\n{textwrap.indent(dataset_yaml(root / 'valid.xyz'), '  ')}\n"
+        f"training_set:\n{dataset_yaml(root / 'train.xyz', True)}\n"
+        f"validation_set:\n{dataset_yaml(root / 'valid.xyz', True)}\n"
         "test_set: 0.0\n"
     )
 
@@ -195,15 +161,14 @@ def main() -> int:
     pretrain_args = argparse.Namespace(
         batch_size=10, epochs=args.pretrain_epochs, train=args.pretrain
     )
-    command = mace_command(pretrain_args, root, True, True, seed)
-    command = [
-        root / "pretrain.xyz" if str(c) == str(root / "train.xyz") else c
-        for c in command
-    ]
-    command = [
-        root / "pretrain_valid.xyz" if str(c) == str(root / "valid.xyz") else c
-        for c in command
-    ]
+    command = mace_command(
+        pretrain_args,
+        root / "pretrain.xyz",
+        root / "pretrain_valid.xyz",
+        True,
+        True,
+        seed,
+    )
     if run([str(c) for c in command], foundation_dir, env, "foundation") != 0:
         print(f"the foundation failed: see {foundation_dir / 'stdout.log'}")
         return 1
@@ -232,7 +197,9 @@ def main() -> int:
         batch_size=args.batch_size, epochs=args.epochs, train=args.train
     )
     runs: List[Tuple[str, str, List[str]]] = []
-    naive = mace_command(finetune_args, root, False, True, seed)
+    naive = mace_command(
+        finetune_args, root / "train.xyz", root / "valid.xyz", False, True, seed
+    )
     runs.append(("mace", "mace_run_train naive", naive + mace_finetune))
     multihead = (
         naive
@@ -277,13 +244,12 @@ def main() -> int:
         ),
     }
     for label, (training, model) in methods.items():
-        runs.append(("ours", label, []))
-        workdir = root / f"run{len(runs) - 1}"
+        workdir = root / f"run{len(runs)}"
         workdir.mkdir()
         (workdir / "options.yaml").write_text(
             ours_options(root, seed, args.epochs, args.batch_size, training, model)
         )
-        runs[-1] = ("ours", label, [*MTT, "train", "options.yaml", "-o", "model.pt"])
+        runs.append(("ours", label, [*MTT, "train", "options.yaml", "-o", "model.pt"]))
 
     single = dict(env)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
