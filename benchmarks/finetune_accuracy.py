@@ -18,7 +18,9 @@ see the same data and run the same number of epochs:
   parameter trains);
 - ``mtt train`` with ``finetune: method: heads`` (MACE's readouts train) and
   ``finetune: method: lora`` (rank 4 adapters on the interactions' and products'
-  linear layers), each from a zero-epoch checkpoint of the file.
+  linear layers), each from a zero-epoch checkpoint of the file;
+- ``--variant LABEL=YAML`` (repeatable): more full fine-tunings of ours with these
+  training hypers over the defaults.
 
 The parent process prints, for the fine-tuning test set and for held-out cells of
 the foundation's own data (what fine-tuning forgets), the RMSE of the energy per
@@ -43,6 +45,8 @@ import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
+import yaml
+
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -54,6 +58,7 @@ from accuracy import (  # noqa: E402
     make_data,
     run,
     test_errors,
+    variant,
 )
 
 
@@ -132,6 +137,14 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--variant",
+        type=variant,
+        action="append",
+        default=[],
+        help="LABEL=YAML: one more full fine-tuning of ours with these training "
+        "hypers, for example 'lr3={learning_rate: 0.001}' (repeatable)",
+    )
     args = parser.parse_args()
     seed = args.seed
 
@@ -243,6 +256,12 @@ def main() -> int:
             f"mace_model: {foundation}",
         ),
     }
+    for label, hypers in args.variant:
+        training = yaml.safe_dump(hypers, default_flow_style=False, sort_keys=False)
+        methods[f"mtt train full ({label})"] = (
+            training.rstrip(),
+            f"mace_model: {foundation}",
+        )
     for label, (training, model) in methods.items():
         workdir = root / f"run{len(runs)}"
         workdir.mkdir()

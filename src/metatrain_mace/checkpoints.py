@@ -134,7 +134,18 @@ def _trainer_v2_to_v3(checkpoint: Dict[str, Any]) -> None:
     checkpoint.setdefault("stage_two_scheduler_state_dict", None)
 
 
-TRAINER_UPDATES: Dict[int, Update] = {1: _trainer_v1_to_v2, 2: _trainer_v2_to_v3}
+def _trainer_v3_to_v4(checkpoint: Dict[str, Any]) -> None:
+    """v4 records the generation of training defaults the run began under
+    (``hyper_defaults``; 3 for every earlier run): a restart keeps the values of
+    defaults that changed since (see :mod:`metatrain_mace.train.defaults`)."""
+    checkpoint.setdefault("hyper_defaults", 3)
+
+
+TRAINER_UPDATES: Dict[int, Update] = {
+    1: _trainer_v1_to_v2,
+    2: _trainer_v2_to_v3,
+    3: _trainer_v3_to_v4,
+}
 
 
 def upgrade(

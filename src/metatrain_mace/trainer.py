@@ -30,6 +30,7 @@ from metatrain_mace.finetune.strategies import apply_finetuning
 from metatrain_mace.model import MetaMACE
 from metatrain_mace.train import distributed
 from metatrain_mace.train.baselines import set_up_baselines
+from metatrain_mace.train.defaults import restart_hypers
 from metatrain_mace.train.epoch import EpochLog, EpochRunner
 from metatrain_mace.train.loading import Loaders, build_loaders
 from metatrain_mace.train.recipe import check_stage_two
@@ -52,7 +53,7 @@ class Trainer(TrainerInterface[TrainerHypers]):
     """Trains :class:`metatrain_mace.model.MetaMACE` with metatrain's losses,
     baselines, data loading and logging, and a MACE-style optimizer."""
 
-    __checkpoint_version__ = 3
+    __checkpoint_version__ = 4
 
     def __init__(self, hypers: TrainerHypers) -> None:
         super().__init__(hypers)
@@ -303,9 +304,15 @@ class Trainer(TrainerInterface[TrainerHypers]):
         hypers: TrainerHypers,
         context: Literal["restart", "finetune"],
     ) -> "Trainer":
-        trainer = cls(hypers)
-        if context == "restart":
-            trainer.state = TrainingState.from_checkpoint(checkpoint)
+        if context != "restart":
+            return cls(hypers)
+        state = TrainingState.from_checkpoint(checkpoint)
+        trainer = cls(
+            restart_hypers(  # type: ignore[arg-type]
+                dict(hypers), checkpoint.get("train_hypers"), state.hyper_defaults
+            )
+        )
+        trainer.state = state
         return trainer
 
     @classmethod

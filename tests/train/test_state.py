@@ -30,7 +30,7 @@ def model(targets, enable_cueq=False):
     )
 
 
-def test_the_checkpoint_keys_are_those_of_trainer_checkpoint_version_3() -> None:
+def test_the_checkpoint_keys_are_those_of_trainer_checkpoint_version_4() -> None:
     assert CHECKPOINT_KEYS == (
         "epoch",
         "optimizer_state_dict",
@@ -41,6 +41,7 @@ def test_the_checkpoint_keys_are_those_of_trainer_checkpoint_version_3() -> None
         "best_optimizer_state_dict",
         "ema_state",
         "stage_two_scheduler_state_dict",
+        "hyper_defaults",
     )
     state = TrainingState.from_checkpoint(checkpoint(["energy"]))
     assert state.to_checkpoint() == {

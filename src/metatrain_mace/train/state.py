@@ -1,7 +1,7 @@
 """The state of a training run: what checkpoints save and restarts restore.
 
 :class:`TrainingState` is the one place that names these fields. The checkpoint
-keeps them as flat keys next to the model's (trainer checkpoint version 3), in the
+keeps them as flat keys next to the model's (trainer checkpoint version 4), in the
 order of :data:`CHECKPOINT_KEYS`.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from metatrain_mace.train.defaults import HYPER_DEFAULTS
 from metatrain_mace.train.recipe import WeightAverage
 
 
@@ -25,6 +26,7 @@ CHECKPOINT_KEYS = (
     "best_optimizer_state_dict",
     "ema_state",
     "stage_two_scheduler_state_dict",
+    "hyper_defaults",
 )
 """The trainer's keys of a checkpoint, in the order in which they are written."""
 
@@ -34,6 +36,8 @@ class TrainingState:
     """Progress of a training run, and the states of its optimizer, schedules and
     weight average.
 
+    ``hyper_defaults`` is the generation of training defaults the run began
+    under (see :mod:`metatrain_mace.train.defaults`); a restart keeps it.
     ``restarted_targets`` and ``restarted_cueq`` describe the checkpoint a
     ``--restart`` continues (its target names and whether it ran
     cuEquivariance); they are not saved in checkpoints."""
@@ -47,6 +51,7 @@ class TrainingState:
     best_optimizer_state_dict: Optional[Dict[str, Any]] = None
     ema_state: Optional[Dict[str, Any]] = None
     stage_two_scheduler_state_dict: Optional[Dict[str, Any]] = None
+    hyper_defaults: int = HYPER_DEFAULTS
     restarted_targets: Optional[List[str]] = None
     restarted_cueq: Optional[bool] = None
 
