@@ -45,7 +45,8 @@ def restart_hypers(
     """The training hypers of a restart of a run begun under defaults
     ``generation`` that recorded the hypers ``recorded``.
 
-    ``hypers`` are the options of the restart, with today's defaults filled in. A hyper whose default changed since ``generation`` and that is at today's
+    ``hypers`` are the options of the restart, with today's defaults filled in.
+    A hyper whose default changed since ``generation`` and that is at today's
     default takes the recorded value (the options file did not ask for a change,
     or asked for today's default, which cannot be told apart); one set to anything
     else keeps it. Each value put back is logged."""
