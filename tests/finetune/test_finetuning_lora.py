@@ -375,7 +375,8 @@ def test_mtt_train_lora_then_export(tmp_path: Path, alloy_path: str) -> None:
         "mace.products.0.linear",
         "mace.products.1.linear",
     }
-    base_state = base["model_state_dict"]
+    # fine-tuning starts from the best (averaged) weights of the checkpoint
+    base_state = base["best_model_state_dict"]
     tuned_state = tuned["model_state_dict"]
     # the trunk is frozen: only the adapters changed (their up maps left zero)
     renamed = {
