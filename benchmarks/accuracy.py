@@ -366,8 +366,9 @@ def run_set(args: argparse.Namespace, dataset: str, seed: int) -> Dict[str, Resu
     if args.only in ("all", "mace"):
         runs += [("mace", "mace_run_train (defaults)", False)]
         runs += [("mace", "mace_run_train --ema --swa", True)]
-    if args.only in ("all", "ours"):
+    if args.only in ("all", "ours", "defaults"):
         runs += [("ours", "mtt train (defaults)", {})]
+    if args.only in ("all", "ours"):
         runs += [("ours", "mtt train (EMA + stage two)", recipe_training(args.epochs))]
     for label, training in args.variant:
         runs += [("ours", f"mtt train ({label})", training)]
@@ -497,7 +498,11 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=100, help="test structures")
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument(
-        "--only", choices=["all", "ours", "mace"], default="all", help="what to run"
+        "--only",
+        choices=["all", "ours", "mace", "defaults"],
+        default="all",
+        help="what to run: 'defaults' is our defaults and the variants only (no "
+        "recipe, no mace_run_train)",
     )
     parser.add_argument(
         "--variant",

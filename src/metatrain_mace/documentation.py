@@ -388,8 +388,12 @@ class TrainerHypers(TypedDict):
     """Log MAE next to RMSE."""
     log_separate_blocks: bool = False
     """Log metrics of every block of multi-block targets separately."""
-    best_model_metric: Literal["rmse_prod", "mae_prod", "loss"] = "mae_prod"
-    """Validation metric that selects the best model (the one exported)."""
+    best_model_metric: Literal["rmse_prod", "mae_prod", "loss"] = "loss"
+    """Validation metric that selects the best model (the one exported): the
+    validation loss (as ``mace_run_train`` does), or the product of the RMSEs or
+    MAEs of all targets and gradients. The products can keep an early epoch when
+    one error (often the stress) grows while the others improve. A ``--restart``
+    with another metric than its run recorded tracks the best model afresh."""
     grad_clip_norm: Annotated[float, Gt(0)] = 10.0
     """Maximum norm of the gradient of all parameters (clipping)."""
     loss: Union[str, Dict[str, Union[LossSpecification, str]]] = "mse"

@@ -307,10 +307,15 @@ class Trainer(TrainerInterface[TrainerHypers]):
         if context != "restart":
             return cls(hypers)
         state = TrainingState.from_checkpoint(checkpoint)
+        recorded = checkpoint.get("train_hypers")
         trainer = cls(
             restart_hypers(  # type: ignore[arg-type]
-                dict(hypers), checkpoint.get("train_hypers"), state.hyper_defaults
+                dict(hypers), recorded, state.hyper_defaults
             )
+        )
+        state.select_by(
+            trainer.hypers.get("best_model_metric"),
+            None if recorded is None else recorded.get("best_model_metric"),
         )
         trainer.state = state
         return trainer

@@ -97,6 +97,17 @@ def main() -> None:
 
         EpochRunner.run = failing_epoch  # type: ignore[method-assign]
 
+    # the validation errors of every epoch, as the trainer logs them
+    validations = []
+    validate = Trainer._validate
+
+    def recording_validate(self, *a, **k):
+        val_loss, logged = validate(self, *a, **k)
+        validations.append({name: float(value) for name, value in logged[-1].items()})
+        return val_loss, logged
+
+    Trainer._validate = recording_validate  # type: ignore[method-assign]
+
     model = MetaMACE(model_hypers, info)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     checkpoints = Path(args.out).parent / f"checkpoints-{rank}"
@@ -117,6 +128,7 @@ def main() -> None:
                 "state": state,
                 "best_metric": trainer.state.best_metric,
                 "best_epoch": trainer.state.best_epoch,
+                "validation": validations[-1],
             },
             args.out,
         )

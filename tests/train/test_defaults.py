@@ -25,19 +25,24 @@ def defaults() -> dict:
     return dict(get_default_hypers("experimental.mace")["training"])
 
 
+def read_checkpoint(name: str) -> dict:
+    with gzip.open(CHECKPOINTS / name) as file:
+        return torch.load(file, weights_only=False, map_location="cpu")
+
+
 def old_checkpoint() -> dict:
     """The newest checkpoint of trainer version 3 (a run with no EMA), upgraded."""
-    path = CHECKPOINTS / "model-v7_trainer-v3.ckpt.gz"
-    with gzip.open(path) as file:
-        checkpoint = torch.load(file, weights_only=False, map_location="cpu")
+    checkpoint = read_checkpoint("model-v7_trainer-v3.ckpt.gz")
     assert checkpoint["train_hypers"]["ema_decay"] is None
     return Trainer.upgrade_checkpoint(checkpoint)
 
 
 def test_the_defaults_that_changed() -> None:
-    assert HYPER_DEFAULTS == 4
+    assert HYPER_DEFAULTS == 5
     assert defaults()["ema_decay"] == 0.99
-    assert changed_since(3) == {"ema_decay": None}
+    assert defaults()["best_model_metric"] == "loss"
+    assert changed_since(3) == {"ema_decay": None, "best_model_metric": "mae_prod"}
+    assert changed_since(4) == {"best_model_metric": "mae_prod"}
     assert changed_since(HYPER_DEFAULTS) == {}
 
 
@@ -73,6 +78,7 @@ def test_an_old_checkpoint_restarts_with_its_recorded_hypers(caplog) -> None:
 
     trainer = Trainer.load_checkpoint(checkpoint, defaults(), context="restart")
     assert trainer.hypers["ema_decay"] is None
+    assert trainer.hypers["best_model_metric"] == "mae_prod"
     assert "began under earlier defaults" in caplog.text
     # and keeps its generation in the checkpoints it writes
     assert trainer.state.hyper_defaults == 3
@@ -81,7 +87,24 @@ def test_an_old_checkpoint_restarts_with_its_recorded_hypers(caplog) -> None:
     # fine-tuning from it is a new run, with today's defaults
     finetuning = Trainer.load_checkpoint(checkpoint, defaults(), context="finetune")
     assert finetuning.hypers["ema_decay"] == 0.99
+    assert finetuning.hypers["best_model_metric"] == "loss"
     assert finetuning.state.hyper_defaults == HYPER_DEFAULTS
+
+
+def test_a_generation_four_run_keeps_selecting_by_mae_prod(caplog) -> None:
+    """A run begun under the EMA defaults (trainer version 4) restarts with the
+    metric its best model was chosen by: its recorded best value is a product of
+    MAEs, which a validation loss cannot be compared with."""
+    caplog.set_level(logging.INFO)
+    checkpoint = read_checkpoint("model-v7_trainer-v4.ckpt.gz")
+    assert checkpoint["hyper_defaults"] == 4
+    checkpoint = Trainer.upgrade_checkpoint(checkpoint)
+    trainer = Trainer.load_checkpoint(checkpoint, defaults(), context="restart")
+    assert trainer.hypers["best_model_metric"] == "mae_prod"
+    assert trainer.hypers["ema_decay"] == 0.99
+    assert "recorded best_model_metric: mae_prod" in caplog.text
+    assert "today's default: best_model_metric: loss" in caplog.text
+    assert trainer.state.best_metric == checkpoint["best_metric"]
 
 
 def test_a_new_run_records_todays_defaults() -> None:
@@ -95,3 +118,31 @@ def test_a_new_run_records_todays_defaults() -> None:
     assert trainer.hypers["ema_decay"] is None
     trainer = Trainer.load_checkpoint(checkpoint, defaults(), context="restart")
     assert trainer.hypers["ema_decay"] == pytest.approx(0.99)
+
+
+def test_a_restart_with_another_metric_tracks_the_best_model_afresh(caplog) -> None:
+    """The recorded best value is a product of MAEs: a restart that selects by
+    another metric must not compare its values with it (a loss larger than the
+    recorded product would never become the best, and the export would keep
+    the model of before the restart without a word)."""
+    checkpoint = Trainer.upgrade_checkpoint(
+        read_checkpoint("model-v7_trainer-v4.ckpt.gz")
+    )
+    assert checkpoint["train_hypers"]["best_model_metric"] == "mae_prod"
+    assert 0 < checkpoint["best_metric"] < float("inf")
+    asked = dict(defaults(), best_model_metric="rmse_prod")
+    trainer = Trainer.load_checkpoint(checkpoint, asked, context="restart")
+    assert trainer.hypers["best_model_metric"] == "rmse_prod"
+    assert trainer.state.best_metric == float("inf")
+    assert "changed from 'mae_prod' to 'rmse_prod'" in caplog.text
+    assert "tracked afresh" in caplog.text
+    # the earlier best model stays until an epoch after the restart replaces it
+    assert trainer.state.best_epoch == checkpoint["best_epoch"]
+
+    # the same metric keeps the recorded best
+    caplog.clear()
+    kept = Trainer.load_checkpoint(
+        checkpoint, dict(defaults(), best_model_metric="mae_prod"), "restart"
+    )
+    assert kept.state.best_metric == checkpoint["best_metric"]
+    assert "tracked afresh" not in caplog.text

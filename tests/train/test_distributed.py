@@ -243,8 +243,20 @@ def test_two_ranks_take_the_steps_of_one_rank_on_the_union_batch(
         and value.numel() > 0
     ]
     assert max(changes) > 1e-4
-    # validation metrics are reduced over both ranks' shares of the data
-    assert one["best_metric"] == pytest.approx(two["best_metric"], rel=1e-10)
+    # validation errors are reduced over both ranks' shares of the data
+    errors = [name for name in one["validation"] if name != "loss"]
+    assert any("MAE" in name for name in errors), errors
+    for name in errors:
+        assert two["validation"][name] == pytest.approx(
+            one["validation"][name], rel=1e-10
+        ), name
+    # the loss is a sum over batches (metatrain's convention) and over ranks: the
+    # two ranks' batches of 2 add up to twice the one batch of 4 (all cells have
+    # 8 atoms); the best model (by the loss) is chosen alike
+    assert two["validation"]["loss"] == pytest.approx(
+        2 * one["validation"]["loss"], rel=1e-10
+    )
+    assert two["best_metric"] == pytest.approx(2 * one["best_metric"], rel=1e-10)
     assert one["best_epoch"] == two["best_epoch"]
     # only rank 0 wrote the baselines' checkpoints
     assert (tmp_path / "checkpoints-0" / "composition_model.ckpt").exists()

@@ -17,12 +17,14 @@ from metatrain.utils.architectures import get_default_hypers
 from metatrain_mace.checkpoints import ARCHITECTURE_NAME
 
 
-HYPER_DEFAULTS = 4
-"""Generation of the training defaults (the trainer checkpoint version that
-introduced them). Runs begun before checkpoints recorded it count as 3."""
+HYPER_DEFAULTS = 5
+"""Generation of the training defaults. Runs begun before checkpoints recorded it
+count as 3; generation 4 (trainer checkpoint version 4) turned the EMA on,
+generation 5 selects the best model by the validation loss."""
 
 DEFAULTS_BEFORE: Dict[int, Dict[str, Any]] = {
     4: {"ema_decay": None},
+    5: {"best_model_metric": "mae_prod"},
 }
 """For each generation, the defaults it changed, with their earlier values."""
 

@@ -7,6 +7,7 @@ order of :data:`CHECKPOINT_KEYS`.
 
 import copy
 import dataclasses
+import logging
 import math
 from typing import Any, Dict, List, Optional
 
@@ -78,6 +79,22 @@ class TrainingState:
         """Before the first epoch of this run: no best model yet."""
         if self.best_metric is None:
             self.best_metric = math.inf
+
+    def select_by(self, metric: Optional[str], recorded: Optional[str]) -> None:
+        """Continue selecting the best model by ``metric`` when the run recorded
+        it selected by ``recorded``: values of two different metrics cannot be
+        compared, so a changed metric tracks the best model afresh (the next
+        epoch becomes the best one)."""
+        if None in (metric, recorded) or recorded == metric or self.best_metric is None:
+            return
+        logging.warning(
+            f"best_model_metric changed from {recorded!r} to {metric!r} at this "
+            f"restart: the best model so far (epoch {self.best_epoch}, "
+            f"{recorded} {self.best_metric:.6g}) cannot be compared with "
+            f"{metric!r}, so the best model is tracked afresh from the next epoch "
+            "on. Restart with the recorded metric to keep it."
+        )
+        self.best_metric = math.inf
 
     def record_if_best(
         self,
